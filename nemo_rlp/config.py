@@ -1,0 +1,290 @@
+"""The run configuration: typed dataclasses, composed by Hydra from `conf/`, validated before any work.
+
+Config is data. Every module receives the piece of this tree it needs; none reads the environment or
+globals behind the config's back. `load_config` is the one way a run gets its config (the Hydra entry
+point and the tests both use it), so a bad value is rejected the same way everywhere: a
+`ConfigError` naming the key, the value and what is allowed, raised before megatron-core is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run. The message names the key, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """A megatron-core model. `arch` picks the provider in `nemo_rlp.models`."""
+
+    name: str = "tiny_gpt"
+    arch: str = "gpt"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention
+    kv_channels: Optional[int] = None
+    # None: the tokenizer's vocabulary padded up to a multiple of `make_vocab_size_divisible_by * TP`.
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    max_sequence_length: int = 512
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    normalization: str = "RMSNorm"
+    gated_linear_unit: bool = True  # SwiGLU with `activation: silu`
+    activation: str = "silu"
+    qk_layernorm: bool = False
+    add_bias_linear: bool = False
+    share_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    params_dtype: str = "fp32"
+
+
+@dataclass
+class DataConfig:
+    # None: the corpus and tokenizer bundled with the package (the embedded default).
+    corpus: Optional[str] = None
+    tokenizer: Optional[str] = None
+    text_key: str = "text"
+    ntp_seq_len: int = 128
+    min_context: int = 8
+    max_context: int = 128
+
+
+@dataclass
+class RLPConfig:
+    """RLP's knobs; defaults are the paper's (DESIGN.md section 1)."""
+
+    group_size: int = 16  # G
+    max_thought_len: int = 2048  # L, sampled tokens including a sampled end marker
+    temperature: float = 0.7
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    ema_decay: float = 0.999  # tau
+    # The clip range is not given in DESIGN.md; 0.2 is the usual PPO/GRPO value.
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_beta: float = 0.0  # paper: a KL anchor (to the EMA teacher here) did not help
+    contexts_per_step: int = 512  # B
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+
+
+@dataclass
+class ScheduleConfig:
+    """Which kind of batch each optimizer step takes: NTP warm-up, then cycles of NTP and RLP."""
+
+    ntp_warmup_steps: int = 0
+    ntp_per_cycle: int = 1
+    rlp_per_cycle: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    seed: int = 1234
+    lr: float = 1.0e-6  # paper: constant 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    ntp_batch_size: int = 8
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # "auto": nccl when CUDA is available, else gloo.
+    backend: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    # None: the Hydra run directory (outputs/DATE/TIME).
+    output_dir: Optional[str] = None
+    metrics_file: str = "metrics.jsonl"
+    tensorboard: bool = True
+    log_every: int = 1
+    # How many sampled thoughts to print (decoded) every `log_every` RLP steps; 0: none.
+    show_thoughts: int = 1
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rlp: RLPConfig = field(default_factory=RLPConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and validation
+# ------------------------------------------------------------------------------------------------
+
+
+def to_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """Merge a composed config onto the schema: unknown keys and wrong types fail here, by name."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        run = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {_first_line(err)}") from None
+    assert isinstance(run, RunConfig)
+    validate(run)
+    return run
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> RunConfig:
+    """Compose `conf/<config_name>.yaml` with command-line style overrides, then validate."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        try:
+            cfg = compose(config_name=config_name, overrides=list(overrides or []))
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(_first_line(err)) from None
+    return to_run_config(cfg)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject every value that cannot run, before any work. Checks needing the world size or the
+    tokenizer live with the code that knows them (`nemo_rlp.parallel`, `nemo_rlp.models`)."""
+    m, d, r, t, p = cfg.model, cfg.data, cfg.rlp, cfg.trainer, cfg.parallel
+
+    if m.arch not in ("gpt",):
+        _fail("model.arch", m.arch, "one of 'gpt'")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
+        if getattr(m, key) < 1:
+            _fail(f"model.{key}", getattr(m, key), "an integer >= 1")
+    if m.hidden_size % m.num_attention_heads:
+        _fail(
+            "model.hidden_size",
+            m.hidden_size,
+            f"a multiple of model.num_attention_heads={m.num_attention_heads}",
+        )
+    if m.num_query_groups is not None and (
+        m.num_query_groups < 1 or m.num_attention_heads % m.num_query_groups
+    ):
+        _fail("model.num_query_groups", m.num_query_groups, "a divisor of model.num_attention_heads")
+    if m.vocab_size is not None and m.vocab_size < 1:
+        _fail("model.vocab_size", m.vocab_size, "null (from the tokenizer) or an integer >= 1")
+    if m.params_dtype not in ("fp32", "bf16"):
+        _fail("model.params_dtype", m.params_dtype, "'fp32' or 'bf16'")
+    if m.position_embedding_type not in ("rope", "learned_absolute", "none"):
+        _fail("model.position_embedding_type", m.position_embedding_type, "'rope', 'learned_absolute' or 'none'")
+    if m.normalization not in ("RMSNorm", "LayerNorm"):
+        _fail("model.normalization", m.normalization, "'RMSNorm' or 'LayerNorm'")
+    if m.activation not in ("silu", "gelu", "relu", "squared_relu"):
+        _fail("model.activation", m.activation, "one of 'silu', 'gelu', 'relu', 'squared_relu'")
+
+    if d.min_context < 1:
+        _fail("data.min_context", d.min_context, "an integer >= 1 (x_t needs at least one token before it)")
+    if d.max_context < d.min_context:
+        _fail("data.max_context", d.max_context, f"an integer >= data.min_context={d.min_context}")
+    if d.ntp_seq_len < 1:
+        _fail("data.ntp_seq_len", d.ntp_seq_len, "an integer >= 1")
+    for key in ("corpus", "tokenizer"):
+        path = getattr(d, key)
+        if path is not None and not Path(path).is_file():
+            _fail(f"data.{key}", path, "an existing file (or null for the bundled one)")
+
+    if r.group_size < 2:
+        _fail("rlp.group_size", r.group_size, "G >= 2 (the group-relative advantage divides by G-1)")
+    if r.max_thought_len < 1:
+        _fail("rlp.max_thought_len", r.max_thought_len, "an integer >= 1 (each thought has >= 1 token)")
+    if not r.temperature > 0:
+        _fail("rlp.temperature", r.temperature, "a float > 0 (paper: 0.7)")
+    if r.top_k < 0:
+        _fail("rlp.top_k", r.top_k, "an integer >= 0 (0 turns top-k off)")
+    if not 0 < r.top_p <= 1:
+        _fail("rlp.top_p", r.top_p, "a float in (0, 1] (1 turns top-p off)")
+    if not 0 < r.ema_decay < 1:
+        _fail("rlp.ema_decay", r.ema_decay, "a float in (0, 1) (paper: 0.999)")
+    if not 0 <= r.eps_low < 1:
+        _fail("rlp.eps_low", r.eps_low, "a float in [0, 1)")
+    if r.eps_high < 0:
+        _fail("rlp.eps_high", r.eps_high, "a float >= 0")
+    if r.kl_beta < 0:
+        _fail("rlp.kl_beta", r.kl_beta, "a float >= 0 (0 turns the KL term off)")
+    if r.contexts_per_step < 1:
+        _fail("rlp.contexts_per_step", r.contexts_per_step, "an integer >= 1")
+    if r.think_start == r.think_end or not r.think_start or not r.think_end:
+        _fail("rlp.think_end", r.think_end, "a non-empty marker different from rlp.think_start")
+
+    # The longest RLP row: context, start marker, thought (an end marker is inserted when it hits L),
+    # end marker, x_t.
+    longest = d.max_context + 1 + r.max_thought_len + 1 + 1
+    if m.max_sequence_length < max(longest, d.ntp_seq_len):
+        _fail(
+            "model.max_sequence_length",
+            m.max_sequence_length,
+            f">= data.max_context + rlp.max_thought_len + 3 = {longest} and >= data.ntp_seq_len="
+            f"{d.ntp_seq_len}",
+        )
+
+    if t.steps < 1:
+        _fail("trainer.steps", t.steps, "an integer >= 1")
+    if not t.lr > 0:
+        _fail("trainer.lr", t.lr, "a float > 0")
+    if t.weight_decay < 0:
+        _fail("trainer.weight_decay", t.weight_decay, "a float >= 0")
+    if t.clip_grad < 0:
+        _fail("trainer.clip_grad", t.clip_grad, "a float >= 0 (0 turns clipping off)")
+    if t.ntp_batch_size < 1:
+        _fail("trainer.ntp_batch_size", t.ntp_batch_size, "an integer >= 1")
+    s = t.schedule
+    if s.ntp_warmup_steps < 0:
+        _fail("trainer.schedule.ntp_warmup_steps", s.ntp_warmup_steps, "an integer >= 0")
+    if s.ntp_per_cycle < 0 or s.rlp_per_cycle < 0 or s.ntp_per_cycle + s.rlp_per_cycle < 1:
+        _fail(
+            "trainer.schedule.rlp_per_cycle",
+            s.rlp_per_cycle,
+            f"an integer >= 0 with ntp_per_cycle + rlp_per_cycle >= 1 (ntp_per_cycle={s.ntp_per_cycle})",
+        )
+
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if getattr(p, key) < 1:
+            _fail(f"parallel.{key}", getattr(p, key), "an integer >= 1")
+    if p.backend not in ("auto", "gloo", "nccl"):
+        _fail("parallel.backend", p.backend, "'auto', 'gloo' or 'nccl'")
+    if m.num_attention_heads % p.tensor_model_parallel_size:
+        _fail(
+            "parallel.tensor_model_parallel_size",
+            p.tensor_model_parallel_size,
+            f"a divisor of model.num_attention_heads={m.num_attention_heads}",
+        )
+
+    if cfg.logging.log_every < 1:
+        _fail("logging.log_every", cfg.logging.log_every, "an integer >= 1")
+    if cfg.logging.show_thoughts < 0:
+        _fail("logging.show_thoughts", cfg.logging.show_thoughts, "an integer >= 0")
+
+
+def as_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,307 @@
+"""Deterministic synthetic corpus in which some next tokens need a small computation.
+
+The bundled tiny corpus (``nemo_rlp/data/assets/tiny_corpus.jsonl``) lets RLP run end to end on a CPU:
+its documents are short "worksheets" whose answers follow from a computation that a thought could do
+(multi-step word problems, in-context lookups, counting, number patterns, two-digit arithmetic,
+orderings). A fraction of documents (``thought_fraction``) show a worked thought right before each
+answer, so plain next-token pretraining already teaches the ``<think> … </think>`` format.
+
+Thoughts are written the way RLP inserts them at the token level: the marker directly follows the
+context (no space before ``<think>``) and the text after ``</think>`` is exactly the document's
+continuation, e.g. ``"Now Tom has<think> 3 + 4 = 7, 7 - 2 = 5</think> 5 apples."``. With the bundled
+byte-level tokenizer the ids of such a document are the ids of the thought-free document with the
+marker/thought ids spliced in before the answer token, which is what a rollout produces.
+
+Everything is drawn from one ``random.Random(seed)``, so a (seed, num_docs, thought_fraction) triple
+always gives the same text; :func:`build_tiny_corpus` also trains the tokenizer and writes both files
+byte-identically on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nemo_rlp.data.tokenizer import DEFAULT_SPECIAL_TOKENS, train_byte_level_bpe
+
+__all__ = [
+    "CORPUS_FILENAME",
+    "TOKENIZER_FILENAME",
+    "CorpusConfig",
+    "build_tiny_corpus",
+    "generate_documents",
+    "iter_documents",
+    "write_jsonl",
+]
+
+CORPUS_FILENAME = "tiny_corpus.jsonl"
+TOKENIZER_FILENAME = "tokenizer.json"
+THINK_START, THINK_END = DEFAULT_SPECIAL_TOKENS[2], DEFAULT_SPECIAL_TOKENS[3]
+_LONGEST_EPISODE_WORDS = 75  # a lookup with four facts stated twice, plus thought (checked in tests)
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """What to generate. Defaults produce the bundled corpus."""
+
+    num_docs: int = 5000
+    seed: int = 1234
+    thought_fraction: float = 0.3  # share of documents that show worked thoughts before their answers
+    min_words: int = 20
+    max_words: int = 120
+
+    def __post_init__(self) -> None:
+        if self.num_docs < 1:
+            raise ValueError(f"num_docs must be >= 1, got {self.num_docs}")
+        if not 0.0 <= self.thought_fraction <= 1.0:
+            raise ValueError(f"thought_fraction must be in [0, 1], got {self.thought_fraction}")
+        # The gap must hold the longest episode, so a document below min_words can always grow.
+        if not (1 <= self.min_words and self.min_words + _LONGEST_EPISODE_WORDS <= self.max_words):
+            raise ValueError(
+                f"need 1 <= min_words and min_words + {_LONGEST_EPISODE_WORDS} <= max_words, "
+                f"got min_words={self.min_words}, max_words={self.max_words}"
+            )
+
+
+# --- vocabulary --------------------------------------------------------------------------------------
+
+_PEOPLE = [
+    ("Tom", "He"), ("Anna", "She"), ("Ben", "He"), ("Mia", "She"), ("Sam", "He"), ("Lily", "She"),
+    ("Max", "He"), ("Zoe", "She"), ("Leo", "He"), ("Emma", "She"), ("Jack", "He"), ("Nora", "She"),
+]
+_ITEMS = [
+    ("apple", "apples"), ("pencil", "pencils"), ("coin", "coins"), ("book", "books"), ("marble", "marbles"),
+    ("cookie", "cookies"), ("card", "cards"), ("shell", "shells"), ("stamp", "stamps"), ("egg", "eggs"),
+]
+_LIST_WORDS = [
+    ["apple", "pear", "plum", "fig", "lime"],
+    ["red", "blue", "green", "pink", "gold"],
+    ["cat", "dog", "fox", "owl", "bee"],
+]
+_COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
+_SYLLABLES = ["ka", "lo", "mi", "ra", "te", "vo", "zu", "ne", "po", "si", "da", "fe", "gu", "ri", "bel", "mar", "tor"]
+_COMPARATIVES = [("taller", "tallest"), ("older", "oldest"), ("faster", "fastest"), ("stronger", "strongest")]
+
+
+# --- episodes ----------------------------------------------------------------------------------------
+
+
+class _Episodes:
+    """Builds the short episodes a document is made of; each returns text ending with a period."""
+
+    def __init__(self, rng: random.Random, show_thoughts: bool) -> None:
+        self.rng = rng
+        self.show_thoughts = show_thoughts
+
+    def answer(self, thought: str, answer: str) -> str:
+        """``answer`` (which starts with a space), preceded by ``<think>thought</think>`` if shown."""
+        if self.show_thoughts:
+            return f"{THINK_START} {thought}{THINK_END}{answer}"
+        return answer
+
+    def all(self) -> list[Callable[[], str]]:
+        return [self.story, self.lookup, self.counting, self.sequence, self.arithmetic, self.ordering]
+
+    def story(self) -> str:
+        """Multi-step word problem: "Tom has 3 apples. He buys 4 more ... Now Tom has 5 apples."."""
+        rng = self.rng
+        (name, pron), (one, many) = rng.choice(_PEOPLE), rng.choice(_ITEMS)
+        other = rng.choice([p for p, _ in _PEOPLE if p != name])
+        value = rng.randint(1, 9)
+        text = [f"{name} has {value} {one if value == 1 else many}."]
+        steps = []
+        for i in range(rng.randint(1, 3)):
+            if value > 0 and rng.random() < 0.45:
+                n = rng.randint(1, value)
+                phrase = rng.choice([f"gives {n} away", f"loses {n}", f"gives {n} to {other}"])
+                steps.append(f"{value} - {n} = {value - n}")
+                value -= n
+            else:
+                n = rng.randint(1, 9)
+                phrase = rng.choice([f"buys {n} more", f"finds {n} more", f"gets {n} more from {other}"])
+                steps.append(f"{value} + {n} = {value + n}")
+                value += n
+            text.append(f"{pron if i == 0 else 'Then ' + pron.lower()} {phrase}.")
+        lead = rng.choice([f"Now {name} has", f"How many {many} does {name} have now? {name} has"])
+        noun = one if value == 1 else many
+        text.append(lead + self.answer(", ".join(steps), f" {value}") + f" {noun}.")
+        return " ".join(text)
+
+    def _invented_names(self, k: int) -> list[str]:
+        names: list[str] = []
+        while len(names) < k:
+            name = "".join(self.rng.choice(_SYLLABLES) for _ in range(self.rng.randint(2, 3))).capitalize()
+            if name not in names:
+                names.append(name)
+        return names
+
+    def lookup(self) -> str:
+        """In-context facts stated (sometimes twice), then one of them queried."""
+        rng = self.rng
+        k = rng.randint(3, 5)
+        kind = rng.randrange(3)
+        if kind == 0:  # invented countries and capitals: only the context can tell the answer
+            keys, values = self._invented_names(k), self._invented_names(k)
+            fact = "The capital of {} is {}."
+            ask = "What is the capital of {0}? The capital of {0} is"
+        elif kind == 1:
+            keys, values = rng.sample(_COLORS, k), [str(rng.randint(0, 9)) for _ in range(k)]
+            fact = "The {} box holds the number {}."
+            ask = "Which number is in the {0} box? The {0} box holds the number"
+        else:
+            keys = rng.sample([p for p, _ in _PEOPLE], k)
+            values = [str(rng.randint(10, 99)) for _ in range(k)]
+            fact = "{} lives in room {}."
+            ask = "Where does {0} live? {0} lives in room"
+        facts = [fact.format(a, b) for a, b in zip(keys, values)]
+        if k <= 4 and rng.random() < 0.5:  # restate the facts in a new order before the query
+            facts += rng.sample(facts, len(facts))
+        i = rng.randrange(k)
+        query = ask.format(keys[i]) + self.answer(f"{keys[i]} -> {values[i]}", f" {values[i]}") + "."
+        return " ".join(facts + [query])
+
+    def counting(self) -> str:
+        """How many times a word occurs in a short list."""
+        rng = self.rng
+        words = rng.choice(_LIST_WORDS)
+        items = [rng.choice(words) for _ in range(rng.randint(4, 10))]
+        target = rng.choice(items)
+        positions = [str(j + 1) for j, w in enumerate(items) if w == target]
+        count = len(positions)
+        thought = f"{target} at {' '.join(positions)}, so {count}"
+        return (
+            f"Here is a list: {', '.join(items)}. How many times does {target} appear? It appears"
+            + self.answer(thought, f" {count}")
+            + (" time." if count == 1 else " times.")
+        )
+
+    def sequence(self) -> str:
+        """A number pattern with a worked step before one of its terms."""
+        rng = self.rng
+        kind = rng.randrange(3)
+        n = rng.randint(6, 9)
+        if kind == 0:
+            start, step = rng.randint(0, 20), rng.randint(1, 9)
+            terms, op = [start + step * j for j in range(n)], f"+ {step}"
+            lead = rng.choice([f"Count by {step}:", "The numbers go", "Pattern:"])
+        elif kind == 1:
+            start = rng.randint(1, 5)
+            n = rng.randint(5, 7)
+            terms, op = [start * 2**j for j in range(n)], "x 2"
+            lead = rng.choice(["Each number doubles:", "Pattern:"])
+        else:
+            step = rng.randint(1, 5)
+            start = step * (n - 1) + rng.randint(0, 10)
+            terms, op = [start - step * j for j in range(n)], f"- {step}"
+            lead = rng.choice(["Counting down:", "Pattern:"])
+        j = rng.randint(3, n - 1)  # the worked term: at least three terms show the rule first
+        head = lead + "".join(f" {t}" for t in terms[:j])
+        tail = "".join(f" {t}" for t in terms[j + 1 :])
+        return head + self.answer(f"{terms[j - 1]} {op} = {terms[j]}", f" {terms[j]}") + tail + "."
+
+    def arithmetic(self) -> str:
+        """Two-digit addition / subtraction or a small product, with the digit-level steps as thought."""
+        rng = self.rng
+        kind = rng.randrange(3)
+        if kind == 0:
+            a, b = rng.randint(10, 89), rng.randint(10, 89)
+            ones, tens = a % 10 + b % 10, (a // 10 + b // 10) * 10
+            thought = (
+                f"{a % 10} + {b % 10} = {ones}, {a // 10 * 10} + {b // 10 * 10} = {tens}, {tens} + {ones} = {a + b}"
+            )
+            expr, result = f"{a} + {b}", a + b
+        elif kind == 1:
+            a = rng.randint(20, 99)
+            b = rng.randint(10, a)
+            thought = f"{a} - {b // 10 * 10} = {a - b // 10 * 10}, {a - b // 10 * 10} - {b % 10} = {a - b}"
+            expr, result = f"{a} - {b}", a - b
+        else:
+            a, b = rng.randint(2, 9), rng.randint(2, 5)
+            thought = ", ".join(str(a * j) for j in range(1, b + 1))  # repeated addition
+            expr, result = f"{a} x {b}", a * b
+        lead = rng.choice([f"What is {expr}? {expr} =", f"Compute {expr}. The result is"])
+        return lead + self.answer(thought, f" {result}") + "."
+
+    def ordering(self) -> str:
+        """Transitive ordering of people, or the larger of two numbers."""
+        rng = self.rng
+        if rng.random() < 0.3:
+            a, b = rng.sample(range(10, 100), 2)
+            big, small = max(a, b), min(a, b)
+            lead = f"Which is larger, {a} or {b}? The larger number is"
+            return lead + self.answer(f"{big} > {small}", f" {big}") + "."
+        comp, sup = rng.choice(_COMPARATIVES)
+        chain = rng.sample([p for p, _ in _PEOPLE], rng.randint(3, 4))
+        facts = [f"{x} is {comp} than {y}." for x, y in zip(chain, chain[1:])]
+        rng.shuffle(facts)
+        question = f"Who is the {sup}? The {sup} is"
+        return " ".join(facts) + " " + question + self.answer(" > ".join(chain), f" {chain[0]}") + "."
+
+
+# --- documents ---------------------------------------------------------------------------------------
+
+
+def _count_words(text: str) -> int:
+    return len(text.replace(THINK_START, " ").replace(THINK_END, " ").split())
+
+
+def _document(rng: random.Random, cfg: CorpusConfig) -> str:
+    episodes = _Episodes(rng, show_thoughts=rng.random() < cfg.thought_fraction)
+    kinds = episodes.all()
+    # Skew lengths toward short documents (target mean min + range / 4) to keep the bundled file small.
+    target = cfg.min_words + int((cfg.max_words - cfg.min_words) * rng.random() ** 3)
+    parts: list[str] = []
+    words = 0
+    while words < target:
+        episode = rng.choice(kinds)()
+        n = _count_words(episode)
+        if words + n > cfg.max_words:
+            if words >= cfg.min_words:
+                break
+            continue  # too long for what is left: draw another (episodes are <= 60 words, so one fits)
+        parts.append(episode)
+        words += n
+    return " ".join(parts)
+
+
+def iter_documents(cfg: CorpusConfig = CorpusConfig()) -> Iterator[str]:
+    """Yield ``cfg.num_docs`` document texts, all drawn from ``random.Random(cfg.seed)``."""
+    rng = random.Random(cfg.seed)
+    for _ in range(cfg.num_docs):
+        yield _document(rng, cfg)
+
+
+def generate_documents(num_docs: int = 5000, seed: int = 1234, thought_fraction: float = 0.3) -> list[str]:
+    """The texts of :func:`iter_documents` as a list."""
+    return list(iter_documents(CorpusConfig(num_docs=num_docs, seed=seed, thought_fraction=thought_fraction)))
+
+
+def write_jsonl(texts: Sequence[str], path: str | os.PathLike[str], text_key: str = "text") -> None:
+    """One ``{"text": ...}`` object per line, UTF-8, ``\\n`` line ends (byte-identical on every OS)."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for text in texts:
+            f.write(json.dumps({text_key: text}, ensure_ascii=False) + "\n")
+
+
+def build_tiny_corpus(
+    out_dir: str | os.PathLike[str],
+    cfg: CorpusConfig = CorpusConfig(),
+    vocab_size: int = 512,
+) -> tuple[Path, Path]:
+    """Write ``tiny_corpus.jsonl`` and a byte-level BPE ``tokenizer.json`` trained on it into ``out_dir``.
+
+    Returns the two paths. The special tokens ``<pad>``, ``<|endoftext|>``, ``<think>``, ``</think>``
+    get ids 0-3.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = list(iter_documents(cfg))
+    corpus_path, tokenizer_path = out / CORPUS_FILENAME, out / TOKENIZER_FILENAME
+    write_jsonl(texts, corpus_path)
+    tok = train_byte_level_bpe(texts, vocab_size=vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS)
+    tok.save(str(tokenizer_path), pretty=True)
+    return corpus_path, tokenizer_path

@@ -1,0 +1,85 @@
+"""megatron-core GPTModel provider: a `ModelConfig` in, a (possibly tensor-parallel) GPTModel out.
+
+On CPU the local (non-Transformer-Engine) layer spec runs; on GPU the Transformer Engine spec is used
+when Transformer Engine is importable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nemo_rlp.config import ModelConfig
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "squared_relu": lambda x: torch.pow(F.relu(x), 2),
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def transformer_config(cfg: ModelConfig, tensor_parallel: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization=cfg.normalization,
+        gated_linear_unit=cfg.gated_linear_unit,
+        activation_func=_ACTIVATIONS[cfg.activation],
+        qk_layernorm=cfg.qk_layernorm,
+        add_bias_linear=cfg.add_bias_linear,
+        init_method_std=cfg.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        params_dtype=DTYPES[cfg.params_dtype],
+        bf16=cfg.params_dtype == "bf16",
+        # Initialise the full weights on CPU from one seed and then shard them: a model starts from
+        # the same weights whatever its TP layout, which is what makes layouts comparable.
+        use_cpu_initialization=True,
+        # p2p buffers are synchronised with torch.cuda.synchronize otherwise (CPU platform).
+        batch_p2p_sync=torch.cuda.is_available(),
+    )
+
+
+def _layer_spec(cfg: ModelConfig):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+        except ImportError:
+            pass
+    return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+
+
+def build_gpt(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
+    """Build the GPTModel for this rank's shard. `vocab_size` is the padded model vocabulary."""
+    from megatron.core.models.gpt import GPTModel
+
+    model = GPTModel(
+        config=transformer_config(cfg, tensor_parallel),
+        transformer_layer_spec=_layer_spec(cfg),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.max_sequence_length,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_base=cfg.rotary_base,
+        # Logits stay sharded over the vocabulary; log-probs use megatron's vocab-parallel
+        # cross-entropy and sampling gathers explicitly (nemo_rlp.models.handle).
+        parallel_output=True,
+    )
+    return model.to(device)

@@ -1,0 +1,281 @@
+"""The CPU platform: what megatron-core needs to run on a machine without CUDA.
+
+megatron-core is written for CUDA. Its local (non-Transformer-Engine) layer specs compute fine on
+CPU with gloo, but a handful of spots name the CUDA device directly. `install()` patches exactly
+those spots, and only when `torch.cuda.is_available()` is False; on a GPU it does nothing.
+
+Checked against megatron-core 0.16.1 (line numbers are that version's); `install()` warns once when
+another version is found, since a moved line can make a patch stop taking effect.
+`tests/unit/test_cpu_platform.py` exercises every patch through the megatron-core code it fixes, so a
+patch that stops working fails a test rather than a training run.
+
+| patch                     | megatron-core spot (0.16.1)                                     | stand-in on CPU             |
+|---------------------------|-----------------------------------------------------------------|-----------------------------|
+| `current_device`          | `torch.cuda.current_device()` as an allocation device, in ~150  | returns `torch.device("cpu")` |
+|                           | places (utils.py:631 GlobalMemoryBuffer, attention.py:430 KV    |                             |
+|                           | cache, p2p_communication.py:313/321, mamba_mixer.py:303-360 ...)|                             |
+| `cuda_device_literals`    | `device="cuda"` literals: schedules.py:596/983/2138 token       | a TorchFunctionMode that    |
+|                           | counters, optimizer.py:473-485 and clip_grads.py:90-207         | maps a `device="cuda"`      |
+|                           | buffers, rerun_state_machine.py:261                             | keyword to CPU              |
+| `causal_masks`            | transformer/utils.py:35/40 (and its import in                   | the same masks on CPU       |
+|                           | fusions/fused_softmax.py:8)                                     |                             |
+| `rng_tracker`             | tensor_parallel/random.py:235 `CudaRNGStatesTracker.add` and    | a tracker over the CPU      |
+|                           | `fork` read and set the CUDA generator                          | generator                   |
+| `synchronize`             | `torch.cuda.synchronize()` (p2p_communication.py:242/398,       | no-op                       |
+|                           | dist_checkpointing/strategies/filesystem_async.py:230)          |                             |
+| `events`                  | `torch.cuda.Event` (text_generation_controller.py:1163, timers) | wall-clock event            |
+| `tensor_cuda_pin_memory`  | `Tensor.cuda()` (language_module.py:244), `Tensor.pin_memory()` | no-ops                      |
+|                           | (text_generation_controller.py:115)                             |                             |
+| `clip_grads`              | optimizer/clip_grads.py:167 asserts `torch.cuda.FloatTensor`    | the same clipping without   |
+|                           | grads (imported by name in optimizer/optimizer.py)              | the CUDA type assertion     |
+
+Not patched, by design: the bf16 and distributed optimizers require CUDA tensors
+(optimizer/optimizer.py:695, distrib_optimizer.py:431): on CPU the training code uses fp32 Adam.
+`DynamicInferenceEngine` needs flash-attn and stays GPU-only. Mamba's fused kernels are replaced by
+the pure-torch kernels in `nemo_rlp.models` rather than here, since they are model code, not platform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+CHECKED_MEGATRON_CORE_VERSION = "0.16.1"
+
+_installed: dict[str, bool] = {}
+_device_mode: "_CudaToCpuMode | None" = None
+
+
+def cuda_available() -> bool:
+    """True when the CUDA platform is usable; the single place that decides which platform runs."""
+    return torch.cuda.is_available()
+
+
+def is_installed() -> bool:
+    return bool(_installed)
+
+
+def installed_patches() -> list[str]:
+    return sorted(_installed)
+
+
+def install(force: bool = False) -> bool:
+    """Apply every CPU patch once. Returns True when the CPU platform is (now) active.
+
+    Does nothing on a machine with CUDA unless `force` is set (tests use `force` only on CPU).
+    Safe to call more than once.
+    """
+    if cuda_available() and not force:
+        return False
+    if _installed:
+        return True
+    _warn_if_unchecked_version()
+    for name, patch in _PATCHES.items():
+        patch()
+        _installed[name] = True
+    log.info("CPU platform installed: %s", ", ".join(sorted(_installed)))
+    return True
+
+
+def _warn_if_unchecked_version() -> None:
+    from importlib.metadata import version
+
+    found = version("megatron-core")
+    if found != CHECKED_MEGATRON_CORE_VERSION:
+        warnings.warn(
+            f"nemo_rlp CPU platform was checked against megatron-core "
+            f"{CHECKED_MEGATRON_CORE_VERSION}, found {found}; run tests/unit/test_cpu_platform.py "
+            f"to confirm every patch still takes effect.",
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The patches. Each is small and touches one kind of CUDA-only spot.
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_current_device() -> None:
+    # On a CPU build torch.cuda.current_device() raises; megatron uses it as "the device to
+    # allocate on", which on this platform is the CPU.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, str):
+        return device == "cuda" or device.startswith("cuda:")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites a `device="cuda"` keyword to CPU on every torch call; touches nothing else.
+
+    megatron-core has `device="cuda"` literals inside long functions (the forward-backward
+    schedules, the optimizer's bookkeeping buffers); redirecting the keyword is far smaller than
+    copying those functions.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+def _patch_cuda_device_literals() -> None:
+    global _device_mode
+    # Entered for the life of the process: the mode sits at the bottom of torch's mode stack.
+    _device_mode = _CudaToCpuMode()
+    _device_mode.__enter__()
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+    ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
+    return ~ml
+
+
+def _patch_causal_masks() -> None:
+    # Also caught by the device-literal mode, but these run on every attention forward, so they
+    # get a direct replacement (and keep working if the mode is ever removed).
+    for module_name in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_softmax"):
+        module = importlib.import_module(module_name)
+        module.get_default_causal_mask = _cpu_causal_mask
+        module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """megatron's tracker with the CPU default generator standing in for the CUDA one.
+
+        Forking sets the CPU generator to the named state, so tensor-parallel-region randomness
+        (initialisation without `use_cpu_initialization`, dropout inside TP regions) differs per
+        TP rank exactly as megatron intends.
+        """
+
+        def add(self, name: str, seed: int) -> None:
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    def cpu_initialize_rng_tracker(*args: Any, force_reset: bool = False, **kwargs: Any) -> None:
+        if mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED and not force_reset:
+            return
+        mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mcore_random.initialize_rng_tracker = cpu_initialize_rng_tracker
+    mcore_random.CPURNGStatesTracker = CPURNGStatesTracker
+    # `model_parallel_cuda_manual_seed` also calls torch.cuda.manual_seed, which a CPU build only
+    # queues (lazily) and never runs: harmless, left alone.
+
+
+def _patch_synchronize() -> None:
+    torch.cuda.synchronize = lambda device=None: None
+
+
+class _WallClockEvent:
+    """A stand-in for torch.cuda.Event: CPU work is synchronous, so wall-clock time is exact."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._time: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._time = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_WallClockEvent") -> float:
+        if self._time is None or end._time is None:
+            raise RuntimeError("elapsed_time needs both events recorded")
+        return (end._time - self._time) * 1000.0
+
+
+def _patch_events() -> None:
+    torch.cuda.Event = _WallClockEvent
+
+
+def _identity(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
+def _patch_tensor_cuda_pin_memory() -> None:
+    torch.Tensor.cuda = _identity
+    torch.Tensor.pin_memory = _identity
+
+
+def _cpu_clip_grad_by_total_norm_fp32(
+    parameters, max_norm, total_norm, use_decoupled_grad: bool = False
+) -> None:
+    """megatron's clip_grad_by_total_norm_fp32 (clip_grads.py:137) less its CUDA type assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    for grad in grads:
+        if grad.dtype != torch.float32:
+            raise TypeError(f"gradient clipping expects fp32 gradients, found {grad.dtype}")
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_clip_grads() -> None:
+    for module_name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        module = importlib.import_module(module_name)
+        module.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+
+
+_PATCHES: dict[str, Callable[[], None]] = {
+    "current_device": _patch_current_device,
+    "cuda_device_literals": _patch_cuda_device_literals,
+    "causal_masks": _patch_causal_masks,
+    "rng_tracker": _patch_rng_tracker,
+    "synchronize": _patch_synchronize,
+    "events": _patch_events,
+    "tensor_cuda_pin_memory": _patch_tensor_cuda_pin_memory,
+    "clip_grads": _patch_clip_grads,
+}

@@ -1,0 +1,124 @@
+"""Process groups: torch.distributed and megatron-core's parallel state, on CUDA or the CPU platform.
+
+This is the one place that reads the launcher's environment (torchrun / srun set RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT): it is the launch contract, not configuration.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from nemo_rlp.config import ConfigError, ParallelConfig
+from nemo_rlp.parallel import cpu_platform
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int
+    rank: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_layout(cfg: ParallelConfig, world_size: int) -> int:
+    """Return the data-parallel size, or fail naming the keys when the layout does not fit."""
+    model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size={cfg.tensor_model_parallel_size} x "
+            f"parallel.pipeline_model_parallel_size={cfg.pipeline_model_parallel_size} = "
+            f"{model_parallel} does not divide the world size {world_size}; launch a multiple of "
+            f"{model_parallel} processes or change the sizes"
+        )
+    if cfg.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size={cfg.pipeline_model_parallel_size}: the training "
+            f"step does not run pipeline parallelism yet; use 1"
+        )
+    return world_size // model_parallel
+
+
+def initialize(cfg: ParallelConfig, seed: int) -> ParallelLayout:
+    """Start torch.distributed and megatron-core's parallel state; seed megatron's RNG tracker.
+
+    Works with no launcher too (one process): it then rendezvouses with itself on a free local port.
+    """
+    use_cuda = cpu_platform.cuda_available()
+    if not use_cuda:
+        cpu_platform.install()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("parallel.backend='nccl' needs CUDA, which is not available; use 'gloo' or 'auto'")
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    data_parallel = check_layout(cfg, world_size)
+
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if not torch.distributed.is_initialized():
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.distributed.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=10),
+        )
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelLayout(
+        world_size=world_size,
+        rank=rank,
+        tensor_parallel=cfg.tensor_model_parallel_size,
+        pipeline_parallel=cfg.pipeline_model_parallel_size,
+        data_parallel=data_parallel,
+        device=device,
+    )
+
+
+def data_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

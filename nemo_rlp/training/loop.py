@@ -1,0 +1,145 @@
+"""The training loop: set up from a validated `RunConfig`, run the interleaved NTP/RLP schedule.
+
+Data flows one way: documents → contexts → rollouts → rewards → loss → optimizer → EMA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nemo_rlp.config import ConfigError, RunConfig, as_dict
+from nemo_rlp.data.corpus import BUNDLED_CORPUS, BUNDLED_TOKENIZER, load_jsonl_documents
+from nemo_rlp.data.sampling import ContextSampler, NTPBatcher
+from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.models import padded_vocab_size
+from nemo_rlp.parallel import distributed
+from nemo_rlp.rollout.sampler import Markers
+from nemo_rlp.training.metrics import MetricsLogger
+from nemo_rlp.training.policy import PolicyWithTeacher
+from nemo_rlp.training.schedule import NTP, step_kind
+from nemo_rlp.training.steps import ntp_step, rlp_step
+
+log = logging.getLogger("nemo_rlp")
+
+
+@dataclass
+class RunSummary:
+    steps: int = 0
+    ntp_steps: int = 0
+    rlp_steps: int = 0
+    seconds: float = 0.0
+    ntp_loss: list[float] = field(default_factory=list)
+    reward_mean: list[float] = field(default_factory=list)
+    reward_pos_frac: list[float] = field(default_factory=list)
+    thought_len_mean: list[float] = field(default_factory=list)
+    end_marker_rate: list[float] = field(default_factory=list)
+    output_dir: str = ""
+
+    def table(self) -> str:
+        def fifths(values: list[float]) -> str:
+            if not values:
+                return "-"
+            k = max(1, len(values) // 5)
+            first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+            return f"{first:+.4f} -> {last:+.4f}"
+
+        rows = [
+            ("steps (NTP / RLP)", f"{self.steps} ({self.ntp_steps} / {self.rlp_steps})"),
+            ("wall time", f"{self.seconds:.1f} s"),
+            ("NTP loss, first -> last fifth", fifths(self.ntp_loss)),
+            ("mean reward, first -> last fifth", fifths(self.reward_mean)),
+            ("positive rewards, first -> last fifth", fifths(self.reward_pos_frac)),
+            ("thought length, first -> last fifth", fifths(self.thought_len_mean)),
+            ("end-marker rate, first -> last fifth", fifths(self.end_marker_rate)),
+            ("outputs", self.output_dir),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def _per_rank(total: int, data_parallel: int, key: str) -> int:
+    if total % data_parallel:
+        raise ConfigError(
+            f"{key}={total} is not divisible by the data-parallel size {data_parallel}; use a multiple"
+        )
+    return total // data_parallel
+
+
+def run(cfg: RunConfig, output_dir: Path) -> RunSummary:
+    start = time.perf_counter()
+    layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
+    contexts_per_rank = _per_rank(cfg.rlp.contexts_per_step, layout.data_parallel, "rlp.contexts_per_step")
+    ntp_per_rank = _per_rank(cfg.trainer.ntp_batch_size, layout.data_parallel, "trainer.ntp_batch_size")
+
+    tokenizer = Tokenizer.from_file(
+        cfg.data.tokenizer or BUNDLED_TOKENIZER, think_start=cfg.rlp.think_start, think_end=cfg.rlp.think_end
+    )
+    documents = load_jsonl_documents(cfg.data.corpus or BUNDLED_CORPUS, tokenizer, text_key=cfg.data.text_key)
+    vocab_size = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tensor_parallel)
+    log.info(
+        "data: %d documents, %d tokens; tokenizer vocabulary %d, model vocabulary %d",
+        len(documents), sum(len(d) for d in documents), tokenizer.vocab_size, vocab_size,
+    )
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = PolicyWithTeacher(cfg, vocab_size, layout)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
+
+    # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
+    dp_rank = distributed.data_parallel_rank()
+    data_seed = cfg.trainer.seed + 1000 * dp_rank
+    ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=tokenizer.eod_id, seed=data_seed)
+    context_sampler = ContextSampler(
+        documents, min_context=cfg.data.min_context, max_context=cfg.data.max_context, seed=data_seed
+    )
+    generator = torch.Generator().manual_seed(data_seed)
+    markers = Markers(think_start=tokenizer.think_start_id, think_end=tokenizer.think_end_id, pad=tokenizer.pad_id)
+
+    metrics = MetricsLogger(
+        output_dir, cfg.logging.metrics_file, cfg.logging.tensorboard, layout.is_main, cfg.trainer.steps
+    )
+    if layout.is_main:
+        (output_dir / "resolved_config.json").write_text(json.dumps(as_dict(cfg), indent=2))
+    summary = RunSummary(output_dir=str(output_dir))
+    log.info("training: %d steps, writing to %s", cfg.trainer.steps, output_dir)
+    try:
+        for step in range(cfg.trainer.steps):
+            kind = step_kind(step, cfg.trainer.schedule)
+            t0 = time.perf_counter()
+            if kind == NTP:
+                tokens = ntp_batches.next_batch(ntp_per_rank).to(layout.device)
+                step_metrics = ntp_step(model, tokens)
+                summary.ntp_steps += 1
+                summary.ntp_loss.append(step_metrics["ntp_loss"])
+            else:
+                contexts = context_sampler.sample(contexts_per_rank)
+                step_metrics, batch, rewards = rlp_step(model, contexts, cfg.rlp, markers, generator, layout.device)
+                summary.rlp_steps += 1
+                for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate"):
+                    getattr(summary, key).append(step_metrics[key])
+                if layout.is_main and cfg.logging.show_thoughts and summary.rlp_steps % cfg.logging.log_every == 0:
+                    _show_thoughts(tokenizer, batch, rewards, cfg.logging.show_thoughts)
+            summary.steps += 1
+            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.trainer.steps:
+                metrics.log(step, kind, step_metrics, time.perf_counter() - t0)
+    finally:
+        metrics.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _show_thoughts(tokenizer: Tokenizer, batch, rewards: torch.Tensor, count: int) -> None:
+    """Print the first thoughts of the batch with their rewards, so a human sees what is sampled."""
+    for row in range(min(count, batch.tokens.shape[0])):
+        start, length = int(batch.thought_start[row]), int(batch.thought_len[row])
+        thought = tokenizer.decode(batch.tokens[row, start : start + length].tolist())
+        target = tokenizer.decode([int(batch.tokens[row, batch.answer_index[row]])])
+        reward = float(rewards.view(-1)[row])
+        log.info("  thought: %r -> x_t=%r reward=%+.3f", thought, target, reward)

@@ -1,0 +1,124 @@
+"""One optimizer step of each kind: an NTP batch, or an RLP batch (DESIGN.md section 1, steps 1-9).
+
+The RLP step, top to bottom:
+  1. sample G thoughts per context with the current policy (θ_old = θ: one update per rollout batch);
+  2. S_ema: one teacher-forced, no-think forward of the EMA teacher over each context and x_t;
+  3. one forward of the policy over the rows `context, <think>, c, </think>, x_t` gives, at once,
+     log π_θ of every sampled thought token (with gradient) and S_pred = log p_θ(x_t | x_<t, c)
+     (detached). Before any update θ_old = θ, so the behaviour log-probs are this forward's,
+     detached, and the first ratio is exactly 1;
+  4. reward, group-relative advantage and the clipped surrogate (`nemo_rlp.objective.rlp_loss`);
+     only sampled thought tokens carry gradient;
+  5. backward, optimizer step, EMA update (in `PolicyWithTeacher.optimizer_step`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nemo_rlp.config import RLPConfig
+from nemo_rlp.data.sampling import RLPContext
+from nemo_rlp.models.handle import ModelHandle
+from nemo_rlp.objective import rlp_loss
+from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
+from nemo_rlp.training.policy import PolicyWithTeacher
+
+
+def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor) -> dict[str, float]:
+    model.policy.train()
+    model.zero_grad()
+    loss = model.policy.ntp_loss(tokens)
+    loss.backward()
+    result = model.optimizer_step()
+    return {"ntp_loss": float(loss.detach()), "grad_norm": result.grad_norm, "updated": float(result.updated)}
+
+
+def no_think_logprob(teacher: ModelHandle, contexts: Sequence[RLPContext], pad: int, device) -> torch.Tensor:
+    """S_ema = log p̄_φ(x_t | x_<t) for each context: [B]."""
+    rows = [list(c.prefix) + [c.target] for c in contexts]
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row, device=device)
+    with torch.no_grad():
+        logprobs = teacher.token_logprobs(tokens)
+    # Entry j of token_logprobs scores token j+1; x_t sits at index length-1.
+    return logprobs[torch.arange(len(rows), device=device), lengths - 2]
+
+
+def thought_logprobs(
+    handle: ModelHandle, batch: ThoughtBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over the rows: log-probs of thought tokens [B*G, U], their mask, S_pred [B*G]."""
+    logprobs = handle.token_logprobs(batch.tokens)
+    index, mask = batch.thought_token_index()
+    rows = torch.arange(batch.tokens.shape[0], device=batch.tokens.device)
+    logp_thought = logprobs.gather(1, index - 1)
+    s_pred = logprobs[rows, batch.answer_index - 1]
+    return logp_thought, mask, s_pred
+
+
+def rlp_step(
+    model: PolicyWithTeacher,
+    contexts: Sequence[RLPContext],
+    cfg: RLPConfig,
+    markers: Markers,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[dict[str, float], ThoughtBatch, torch.Tensor]:
+    """Returns the step's metrics, the rollouts and their rewards [B, G] (for logging)."""
+    model.seed_teacher()
+    params = SamplingParams(
+        group_size=cfg.group_size,
+        max_thought_len=cfg.max_thought_len,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+    )
+    # Rollouts in eval mode: no dropout, the behaviour policy is the deterministic network.
+    model.policy.eval()
+    batch = sample_thoughts(
+        model.policy,
+        [c.prefix for c in contexts],
+        [c.target for c in contexts],
+        params,
+        markers,
+        generator,
+        device,
+    )
+    s_ema = no_think_logprob(model.teacher, contexts, markers.pad, device)
+
+    model.policy.train()
+    model.zero_grad()
+    B, G = len(contexts), cfg.group_size
+    logp_new, mask, s_pred = thought_logprobs(model.policy, batch)
+    logp_ref = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad():
+            logp_ref = thought_logprobs(model.teacher, batch)[0].view(B, G, -1)
+    loss, metrics = rlp_loss(
+        logp_new.view(B, G, -1),
+        logp_new.detach().view(B, G, -1),
+        mask.view(B, G, -1),
+        s_pred.detach().view(B, G),
+        s_ema,
+        cfg.eps_low,
+        cfg.eps_high,
+        kl_beta=cfg.kl_beta,
+        logp_ref=logp_ref,
+    )
+    loss.backward()
+    result = model.optimizer_step()
+
+    out = {k: float(v) for k, v in metrics.items()}
+    out.update(
+        rlp_loss=float(loss.detach()),
+        end_marker_rate=float(batch.end_sampled.float().mean()),
+        thought_len_max=float(batch.thought_len.max()),
+        grad_norm=result.grad_norm,
+        updated=float(result.updated),
+    )
+    rewards = (s_pred.detach().view(B, G) - s_ema[:, None]).cpu()
+    return out, batch, rewards
