@@ -36,10 +36,10 @@ def main(cfg: DictConfig) -> None:
     output_dir = Path(run_cfg.logging.output_dir or HydraConfig.get().runtime.output_dir)
 
     from nemo_rlp.parallel import distributed
-    from nemo_rlp.training.loop import run
+    from nemo_rlp.training.loop import Trainer
 
     try:
-        summary = run(run_cfg, output_dir)
+        summary = Trainer(run_cfg, output_dir).train()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

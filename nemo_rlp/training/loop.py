@@ -71,68 +71,88 @@ def _per_rank(total: int, data_parallel: int, key: str) -> int:
     return total // data_parallel
 
 
-def run(cfg: RunConfig, output_dir: Path) -> RunSummary:
-    start = time.perf_counter()
-    layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
-    contexts_per_rank = _per_rank(cfg.rlp.contexts_per_step, layout.data_parallel, "rlp.contexts_per_step")
-    ntp_per_rank = _per_rank(cfg.trainer.ntp_batch_size, layout.data_parallel, "trainer.ntp_batch_size")
+class Trainer:
+    """Everything a run holds, built from a validated config; `train()` runs the schedule."""
 
-    tokenizer = Tokenizer.from_file(
-        cfg.data.tokenizer or BUNDLED_TOKENIZER, think_start=cfg.rlp.think_start, think_end=cfg.rlp.think_end
-    )
-    documents = load_jsonl_documents(cfg.data.corpus or BUNDLED_CORPUS, tokenizer, text_key=cfg.data.text_key)
-    vocab_size = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tensor_parallel)
-    log.info(
-        "data: %d documents, %d tokens; tokenizer vocabulary %d, model vocabulary %d",
-        len(documents), sum(len(d) for d in documents), tokenizer.vocab_size, vocab_size,
-    )
+    def __init__(self, cfg: RunConfig, output_dir: Path):
+        self.start_time = time.perf_counter()
+        self.cfg = cfg
+        self.output_dir = output_dir
+        self.layout = layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
+        self.contexts_per_rank = _per_rank(cfg.rlp.contexts_per_step, layout.data_parallel, "rlp.contexts_per_step")
+        self.ntp_per_rank = _per_rank(cfg.trainer.ntp_batch_size, layout.data_parallel, "trainer.ntp_batch_size")
 
-    torch.manual_seed(cfg.trainer.seed)
-    model = PolicyWithTeacher(cfg, vocab_size, layout)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
+        self.tokenizer = tokenizer = Tokenizer.from_file(
+            cfg.data.tokenizer or BUNDLED_TOKENIZER, think_start=cfg.rlp.think_start, think_end=cfg.rlp.think_end
+        )
+        documents = load_jsonl_documents(cfg.data.corpus or BUNDLED_CORPUS, tokenizer, text_key=cfg.data.text_key)
+        vocab_size = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tensor_parallel)
+        log.info(
+            "data: %d documents, %d tokens; tokenizer vocabulary %d, model vocabulary %d",
+            len(documents), sum(len(d) for d in documents), tokenizer.vocab_size, vocab_size,
+        )
 
-    # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
-    dp_rank = distributed.data_parallel_rank()
-    data_seed = cfg.trainer.seed + 1000 * dp_rank
-    ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=tokenizer.eod_id, seed=data_seed)
-    context_sampler = ContextSampler(
-        documents, min_context=cfg.data.min_context, max_context=cfg.data.max_context, seed=data_seed
-    )
-    generator = torch.Generator().manual_seed(data_seed)
-    markers = Markers(think_start=tokenizer.think_start_id, think_end=tokenizer.think_end_id, pad=tokenizer.pad_id)
+        torch.manual_seed(cfg.trainer.seed)
+        self.model = PolicyWithTeacher(cfg, vocab_size, layout)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
 
-    metrics = MetricsLogger(
-        output_dir, cfg.logging.metrics_file, cfg.logging.tensorboard, layout.is_main, cfg.trainer.steps
-    )
-    if layout.is_main:
-        (output_dir / "resolved_config.json").write_text(json.dumps(as_dict(cfg), indent=2))
-    summary = RunSummary(output_dir=str(output_dir))
-    log.info("training: %d steps, writing to %s", cfg.trainer.steps, output_dir)
-    try:
-        for step in range(cfg.trainer.steps):
-            kind = step_kind(step, cfg.trainer.schedule)
-            t0 = time.perf_counter()
-            if kind == NTP:
-                tokens = ntp_batches.next_batch(ntp_per_rank).to(layout.device)
-                step_metrics = ntp_step(model, tokens)
-                summary.ntp_steps += 1
-                summary.ntp_loss.append(step_metrics["ntp_loss"])
-            else:
-                contexts = context_sampler.sample(contexts_per_rank)
-                step_metrics, batch, rewards = rlp_step(model, contexts, cfg.rlp, markers, generator, layout.device)
-                summary.rlp_steps += 1
-                for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate"):
-                    getattr(summary, key).append(step_metrics[key])
-                if layout.is_main and cfg.logging.show_thoughts and summary.rlp_steps % cfg.logging.log_every == 0:
-                    _show_thoughts(tokenizer, batch, rewards, cfg.logging.show_thoughts)
-            summary.steps += 1
-            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.trainer.steps:
-                metrics.log(step, kind, step_metrics, time.perf_counter() - t0)
-    finally:
-        metrics.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
+        # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
+        data_seed = cfg.trainer.seed + 1000 * distributed.data_parallel_rank()
+        self.ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=tokenizer.eod_id, seed=data_seed)
+        self.context_sampler = ContextSampler(
+            documents, min_context=cfg.data.min_context, max_context=cfg.data.max_context, seed=data_seed
+        )
+        # Seeded identically on every TP rank of a replica, so they sample the same thoughts.
+        self.generator = torch.Generator().manual_seed(data_seed)
+        self.markers = Markers(
+            think_start=tokenizer.think_start_id, think_end=tokenizer.think_end_id, pad=tokenizer.pad_id
+        )
+        self.step = 0
+        self.summary = RunSummary(output_dir=str(output_dir))
+
+    def train_step(self) -> tuple[str, dict[str, float]]:
+        """One optimizer step of the kind the schedule says; returns the kind and its metrics."""
+        cfg, layout, summary = self.cfg, self.layout, self.summary
+        kind = step_kind(self.step, cfg.trainer.schedule)
+        if kind == NTP:
+            tokens = self.ntp_batches.next_batch(self.ntp_per_rank).to(layout.device)
+            step_metrics = ntp_step(self.model, tokens)
+            summary.ntp_steps += 1
+            summary.ntp_loss.append(step_metrics["ntp_loss"])
+        else:
+            contexts = self.context_sampler.sample(self.contexts_per_rank)
+            step_metrics, batch, rewards = rlp_step(
+                self.model, contexts, cfg.rlp, self.markers, self.generator, layout.device
+            )
+            summary.rlp_steps += 1
+            for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate"):
+                getattr(summary, key).append(step_metrics[key])
+            show = cfg.logging.show_thoughts
+            if layout.is_main and show and summary.rlp_steps % cfg.logging.log_every == 0:
+                _show_thoughts(self.tokenizer, batch, rewards, show)
+        self.step += 1
+        summary.steps += 1
+        return kind, step_metrics
+
+    def train(self) -> RunSummary:
+        cfg = self.cfg
+        metrics = MetricsLogger(
+            self.output_dir, cfg.logging.metrics_file, cfg.logging.tensorboard, self.layout.is_main, cfg.trainer.steps
+        )
+        if self.layout.is_main:
+            (self.output_dir / "resolved_config.json").write_text(json.dumps(as_dict(cfg), indent=2))
+        log.info("training: %d steps, writing to %s", cfg.trainer.steps, self.output_dir)
+        try:
+            while self.step < cfg.trainer.steps:
+                t0 = time.perf_counter()
+                kind, step_metrics = self.train_step()
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.trainer.steps:
+                    metrics.log(self.step - 1, kind, step_metrics, time.perf_counter() - t0)
+        finally:
+            metrics.close()
+        self.summary.seconds = time.perf_counter() - self.start_time
+        return self.summary
 
 
 def _show_thoughts(tokenizer: Tokenizer, batch, rewards: torch.Tensor, count: int) -> None:

@@ -1,0 +1,195 @@
+"""The walking skeleton end to end: the entry point, the interleaved steps, the EMA teacher, the
+gradient path of the RLP loss, and start-up validation of bad overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_rlp.config import ConfigError, load_config
+from nemo_rlp.objective import rlp_loss
+from nemo_rlp.training.loop import Trainer
+from nemo_rlp.training.schedule import NTP, RLP, step_kind
+from nemo_rlp.training.steps import rlp_step, thought_logprobs
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small and fast: 4 contexts x G=3 thoughts of at most 6 tokens.
+FAST = [
+    "rlp.group_size=3",
+    "rlp.max_thought_len=6",
+    "rlp.contexts_per_step=4",
+    "trainer.ntp_batch_size=4",
+    "data.ntp_seq_len=32",
+    "data.max_context=32",
+    "trainer.schedule.ntp_warmup_steps=0",
+    "logging.tensorboard=false",
+    "logging.show_thoughts=0",
+]
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone().float() for name, p in module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory) -> Trainer:
+    cfg = load_config(FAST + ["trainer.steps=100"])
+    return Trainer(cfg, tmp_path_factory.mktemp("run"))
+
+
+def test_schedule_interleaves_after_warmup():
+    cfg = load_config(["trainer.schedule.ntp_warmup_steps=2", "trainer.schedule.ntp_per_cycle=1",
+                       "trainer.schedule.rlp_per_cycle=2"]).trainer.schedule
+    assert [step_kind(i, cfg) for i in range(8)] == [NTP, NTP, NTP, RLP, RLP, NTP, RLP, RLP]
+
+
+def test_entry_point_runs_rlp_and_ntp_steps(tmp_path):
+    """`python -m nemo_rlp.train` with overrides: 2 NTP + 2 RLP steps, per-step lines, metrics files."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_rlp.train", *FAST, "trainer.steps=4", "logging.tensorboard=true",
+         f"logging.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    for kind, n in (("[ntp]", 2), ("[rlp]", 2)):
+        assert log.count(kind) == n, log[-3000:]
+    assert "reward=" in log and "end=" in log and "done." in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["ntp", "rlp", "ntp", "rlp"]
+    for r in records[1::2]:
+        for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate", "clip_frac"):
+            assert key in r and r[key] == r[key]  # present and not NaN
+    assert any((out / "tensorboard").iterdir())
+    assert json.loads((out / "resolved_config.json").read_text())["rlp"]["group_size"] == 3
+
+
+def test_parameters_change_over_ntp_and_rlp_steps(trainer):
+    before = _snapshot(trainer.model.language_model)
+    kinds = []
+    for _ in range(4):
+        kind, metrics = trainer.train_step()
+        kinds.append(kind)
+        assert metrics["updated"] == 1.0
+    assert sorted(kinds) == [NTP, NTP, RLP, RLP]
+    after = _snapshot(trainer.model.language_model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"
+
+
+def test_ema_teacher_is_tau_mix_after_a_step(tmp_path):
+    cfg = load_config(FAST + ["trainer.steps=4", "trainer.schedule.ntp_per_cycle=0"])
+    fresh = Trainer(cfg, tmp_path)
+    assert not fresh.model.ema.initialized  # lazy: not seeded at construction
+    theta0 = _snapshot(fresh.model.language_model)
+    kind, _ = fresh.train_step()
+    assert kind == RLP and fresh.model.ema.initialized
+    theta1 = _snapshot(fresh.model.language_model)
+    phi = _snapshot(fresh.model.ema.teacher)
+    tau = cfg.rlp.ema_decay
+    moved = 0
+    for name in theta0:
+        expected = tau * theta0[name].double() + (1 - tau) * theta1[name].double()
+        torch.testing.assert_close(phi[name].double(), expected, atol=1e-7, rtol=1e-6)
+        moved += int(not torch.equal(phi[name], theta1[name]))
+    assert moved == len(theta0), "the teacher must differ from the policy after a step"
+    assert all(p.dtype == torch.float32 for p in fresh.model.ema.teacher.parameters())
+
+
+def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    # megatron's DDP accumulates gradients into `main_grad` buffers.
+    return {n: p.main_grad.detach().clone() for n, p in trainer.model.language_model.named_parameters()}
+
+
+def _rlp_backward(trainer: Trainer, s_pred_fn) -> dict[str, torch.Tensor]:
+    cfg, model = trainer.cfg, trainer.model
+    model.seed_teacher()
+    contexts = trainer.context_sampler.sample(cfg.rlp.contexts_per_step)
+    from nemo_rlp.rollout.sampler import SamplingParams, sample_thoughts
+
+    params = SamplingParams(cfg.rlp.group_size, cfg.rlp.max_thought_len, cfg.rlp.temperature)
+    batch = sample_thoughts(model.policy, [c.prefix for c in contexts], [c.target for c in contexts],
+                            params, trainer.markers, trainer.generator, trainer.layout.device)
+    model.zero_grad()
+    B, G = len(contexts), cfg.rlp.group_size
+    logp, mask, s_pred = thought_logprobs(model.policy, batch)
+    s_pred = s_pred_fn(s_pred.detach().view(B, G))
+    loss, _ = rlp_loss(logp.view(B, G, -1), logp.detach().view(B, G, -1), mask.view(B, G, -1),
+                       s_pred, torch.zeros(B), cfg.rlp.eps_low, cfg.rlp.eps_high)
+    loss.backward()
+    return _grads(trainer)
+
+
+def test_zero_advantages_give_zero_gradients(trainer):
+    # Every thought of a group equally good: A = 0, so nothing may move, on any parameter.
+    grads = _rlp_backward(trainer, lambda s: torch.full_like(s, -1.5))
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+    # The same batch shape with unequal rewards does produce gradients (the test can fail).
+    grads = _rlp_backward(trainer, lambda s: torch.arange(s.numel(), dtype=s.dtype).view_as(s))
+    assert sum(int(torch.count_nonzero(g)) for g in grads.values()) > 0
+    trainer.model.zero_grad()
+
+
+def test_rlp_step_metrics_are_consistent(trainer):
+    contexts = trainer.context_sampler.sample(trainer.cfg.rlp.contexts_per_step)
+    metrics, batch, rewards = rlp_step(trainer.model, contexts, trainer.cfg.rlp, trainer.markers,
+                                       trainer.generator, trainer.layout.device)
+    G = trainer.cfg.rlp.group_size
+    assert batch.tokens.shape[0] == len(contexts) * G
+    assert rewards.shape == (len(contexts), G)
+    assert metrics["reward_mean"] == pytest.approx(float(rewards.mean()), abs=1e-5)
+    assert metrics["reward_pos_frac"] == pytest.approx(float((rewards > 0).float().mean()), abs=1e-6)
+    assert 1 <= metrics["thought_len_mean"] <= trainer.cfg.rlp.max_thought_len
+    # Each row ends with its context's real next token x_t.
+    for b, ctx in enumerate(contexts):
+        for g in range(G):
+            row = b * G + g
+            assert int(batch.tokens[row, batch.answer_index[row]]) == ctx.target
+            assert batch.tokens[row, : len(ctx.prefix)].tolist() == list(ctx.prefix)
+            assert int(batch.tokens[row, len(ctx.prefix)]) == trainer.markers.think_start
+    # On-policy single update: every ratio is exactly 1, so nothing is clipped.
+    assert metrics["ratio_max"] == pytest.approx(1.0) and metrics["clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("rlp.group_size=1", "rlp.group_size"),
+        ("rlp.max_thought_len=-5", "rlp.max_thought_len"),
+        ("rlp.ema_decay=1.0", "rlp.ema_decay"),
+        ("rlp.temperature=0", "rlp.temperature"),
+        ("data.max_context=4", "data.max_context"),
+        ("trainer.steps=0", "trainer.steps"),
+        ("trainer.schedule.rlp_per_cycle=0", "trainer.schedule"),
+        ("model.max_sequence_length=16", "model.max_sequence_length"),
+        ("parallel.tensor_model_parallel_size=3", "parallel.tensor_model_parallel_size"),
+        ("+rlp.group_sise=4", "group_sise"),
+        ("rlp.group_sise=4", "group_sise"),
+        ("rlp.group_size=four", "rlp.group_size"),
+    ],
+)
+def test_bad_override_is_rejected_naming_the_key(override, key):
+    extra = ["trainer.schedule.ntp_per_cycle=0"] if "rlp_per_cycle" in override else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([override, *extra])
+
+
+@pytest.mark.parametrize("override, key", [("rlp.group_size=1", "rlp.group_size"),
+                                           ("rlp.max_thought_len=-5", "rlp.max_thought_len"),
+                                           ("rlp.no_such_key=1", "no_such_key")])
+def test_entry_point_fails_at_startup_on_bad_override(tmp_path, override, key):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_rlp.train", override, f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+    assert proc.returncode != 0
+    assert key in proc.stderr
+    assert "training:" not in proc.stdout + proc.stderr  # rejected before any work
