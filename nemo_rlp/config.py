@@ -49,6 +49,15 @@ class ModelConfig:
     share_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     params_dtype: str = "fp32"
+    layernorm_epsilon: float = 1.0e-5
+    # Hybrid Mamba-Transformer (arch: hybrid, megatron-core MambaModel): one symbol per layer,
+    # 'M' Mamba-2 mixer, '*' self-attention, '-' MLP (e.g. Nemotron-H "M-M-M-M*-...").
+    hybrid_override_pattern: Optional[str] = None
+    mamba_num_heads: Optional[int] = None  # None: 2 * hidden_size / mamba_head_dim (megatron's)
+    mamba_head_dim: int = 64
+    mamba_state_dim: int = 128
+    mamba_num_groups: int = 8
+    mamba_chunk_size: int = 128  # the SSD scan's chunk length
 
 
 @dataclass
@@ -60,6 +69,16 @@ class DataConfig:
     ntp_seq_len: int = 128
     min_context: int = 8
     max_context: int = 128
+    # "jsonl" ({text_key: ...} per line), "text" (one document per line), or "indexed": a Megatron
+    # indexed dataset whose path prefix (PREFIX.bin + PREFIX.idx) is `corpus` (recipes/preprocess_data.py).
+    format: str = "jsonl"
+    # Instead of `corpus`: several sources of `format` mixed by weight (shares of documents),
+    # [[weight, path], ...] (nemo_rlp.data.sources.BlendedDocuments).
+    blend: Optional[list] = None
+    # RLP positions drawn per document window; one EMA-teacher forward per window scores all of them.
+    positions_per_document: int = 1
+    # [low, high]: keep only RLP positions whose no-think log-prob lies in the band. None: off.
+    logprob_band: Optional[list[float]] = None
 
 
 @dataclass
@@ -79,6 +98,9 @@ class RLPConfig:
     contexts_per_step: int = 512  # B
     think_start: str = "<think>"
     think_end: str = "</think>"
+    # How thoughts are decoded (nemo_rlp.rollout.sampler): one cached prefill per context shared
+    # by its G thoughts (default), a cached prefill per thought, or no cache at all (reference).
+    rollout_mode: str = "shared_prefill"
 
 
 @dataclass
@@ -177,8 +199,33 @@ def validate(cfg: RunConfig) -> None:
     tokenizer live with the code that knows them (`nemo_rlp.parallel`, `nemo_rlp.models`)."""
     m, d, r, t, p = cfg.model, cfg.data, cfg.rlp, cfg.trainer, cfg.parallel
 
-    if m.arch not in ("gpt",):
-        _fail("model.arch", m.arch, "one of 'gpt'")
+    if m.arch not in ("gpt", "hybrid"):
+        _fail("model.arch", m.arch, "one of 'gpt', 'hybrid'")
+    if not m.layernorm_epsilon > 0:
+        _fail("model.layernorm_epsilon", m.layernorm_epsilon, "a float > 0")
+    mamba_heads = None
+    if m.arch == "hybrid":
+        pattern = m.hybrid_override_pattern
+        if not pattern or set(pattern) - set("M*-"):
+            _fail(
+                "model.hybrid_override_pattern",
+                pattern,
+                "a string of 'M' (Mamba), '*' (attention) and '-' (MLP), one symbol per layer",
+            )
+        if len(pattern) != m.num_layers:
+            _fail("model.hybrid_override_pattern", pattern, f"one symbol per layer: {m.num_layers} (model.num_layers)")
+        for key in ("mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_chunk_size"):
+            if getattr(m, key) < 1:
+                _fail(f"model.{key}", getattr(m, key), "an integer >= 1")
+        if m.mamba_num_heads is not None and m.mamba_num_heads < 1:
+            _fail("model.mamba_num_heads", m.mamba_num_heads, "null (2 * hidden_size / mamba_head_dim) or >= 1")
+        if m.mamba_num_heads is None and (2 * m.hidden_size) % m.mamba_head_dim:
+            _fail("model.mamba_head_dim", m.mamba_head_dim, f"a divisor of 2 * model.hidden_size={2 * m.hidden_size}")
+        mamba_heads = m.mamba_num_heads or 2 * m.hidden_size // m.mamba_head_dim
+        if mamba_heads % m.mamba_num_groups:
+            _fail("model.mamba_num_groups", m.mamba_num_groups, f"a divisor of the Mamba head count {mamba_heads}")
+    elif m.hybrid_override_pattern is not None:
+        _fail("model.hybrid_override_pattern", m.hybrid_override_pattern, "null unless model.arch='hybrid'")
     for key in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
         if getattr(m, key) < 1:
             _fail(f"model.{key}", getattr(m, key), "an integer >= 1")
@@ -209,10 +256,34 @@ def validate(cfg: RunConfig) -> None:
         _fail("data.max_context", d.max_context, f"an integer >= data.min_context={d.min_context}")
     if d.ntp_seq_len < 1:
         _fail("data.ntp_seq_len", d.ntp_seq_len, "an integer >= 1")
-    for key in ("corpus", "tokenizer"):
-        path = getattr(d, key)
-        if path is not None and not Path(path).is_file():
-            _fail(f"data.{key}", path, "an existing file (or null for the bundled one)")
+    if d.tokenizer is not None and not Path(d.tokenizer).is_file():
+        _fail("data.tokenizer", d.tokenizer, "an existing file (or null for the bundled one)")
+    if d.format not in ("jsonl", "text", "indexed"):
+        _fail("data.format", d.format, "'jsonl', 'text' or 'indexed'")
+    if d.positions_per_document < 1:
+        _fail("data.positions_per_document", d.positions_per_document, "an integer >= 1")
+    if d.logprob_band is not None and not (len(d.logprob_band) == 2 and d.logprob_band[0] < d.logprob_band[1]):
+        _fail("data.logprob_band", d.logprob_band, "null (off) or [low, high] with low < high (log-probs, <= 0)")
+    sources = [("data.corpus", d.corpus)] if d.corpus is not None else []
+    if d.blend is not None:
+        if d.corpus is not None or not d.blend:
+            _fail("data.blend", d.blend, "a non-empty list of [weight, path], with data.corpus null")
+        for i, item in enumerate(d.blend):
+            ok = isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], str)
+            if not (ok and isinstance(item[0], (int, float)) and not isinstance(item[0], bool) and item[0] > 0):
+                _fail(f"data.blend[{i}]", item, "a [weight, path] pair with weight > 0")
+            sources.append((f"data.blend[{i}]", item[1]))
+    elif d.format != "jsonl" and d.corpus is None:
+        _fail("data.corpus", d.corpus, f"a path for data.format={d.format!r} (only the bundled JSONL is built in)")
+    for key, path in sources:
+        if d.format != "indexed":
+            if not Path(path).is_file():
+                _fail(key, path, "an existing file" + (" (or null for the bundled one)" if key == "data.corpus" else ""))
+            continue
+        for suffix in (".bin", ".idx"):
+            if not Path(path + suffix).is_file():
+                _fail(key, path, f"the path prefix of an indexed dataset, but {path}{suffix} does not exist "
+                      "(build it with recipes/preprocess_data.py)")
 
     if r.group_size < 2:
         _fail("rlp.group_size", r.group_size, "G >= 2 (the group-relative advantage divides by G-1)")
@@ -234,6 +305,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("rlp.kl_beta", r.kl_beta, "a float >= 0 (0 turns the KL term off)")
     if r.contexts_per_step < 1:
         _fail("rlp.contexts_per_step", r.contexts_per_step, "an integer >= 1")
+    if r.rollout_mode not in ("shared_prefill", "cache", "recompute"):
+        _fail("rlp.rollout_mode", r.rollout_mode, "'shared_prefill', 'cache' or 'recompute'")
     if r.think_start == r.think_end or not r.think_start or not r.think_end:
         _fail("rlp.think_end", r.think_end, "a non-empty marker different from rlp.think_start")
 
@@ -279,6 +352,14 @@ def validate(cfg: RunConfig) -> None:
             p.tensor_model_parallel_size,
             f"a divisor of model.num_attention_heads={m.num_attention_heads}",
         )
+    if mamba_heads is not None:
+        for key, count in (("mamba_num_heads", mamba_heads), ("mamba_num_groups", m.mamba_num_groups)):
+            if count % p.tensor_model_parallel_size:
+                _fail(
+                    "parallel.tensor_model_parallel_size",
+                    p.tensor_model_parallel_size,
+                    f"a divisor of model.{key}={count}",
+                )
 
     if cfg.logging.log_every < 1:
         _fail("logging.log_every", cfg.logging.log_every, "an integer >= 1")

@@ -1,12 +1,15 @@
 """One optimizer step of each kind: an NTP batch, or an RLP batch (DESIGN.md section 1, steps 1-9).
 
 The RLP step, top to bottom:
-  1. sample G thoughts per context with the current policy (θ_old = θ: one update per rollout batch);
+  1. sample G thoughts per context with the current policy (θ_old = θ: one update per rollout batch),
+     one cached prefill per context shared by its G thoughts (`nemo_rlp.rollout.sampler`);
   2. S_ema: one teacher-forced, no-think forward of the EMA teacher over each context and x_t;
   3. one forward of the policy over the rows `context, <think>, c, </think>, x_t` gives, at once,
      log π_θ of every sampled thought token (with gradient) and S_pred = log p_θ(x_t | x_<t, c)
      (detached). Before any update θ_old = θ, so the behaviour log-probs are this forward's,
-     detached, and the first ratio is exactly 1;
+     detached, and the first ratio is exactly 1. The sampler computed both in its own pass too;
+     they are kept as a check (`logp_mismatch_max`, `s_pred_mismatch_max`), not used, so that a
+     difference between inference and training kernels cannot bias the ratio;
   4. reward, group-relative advantage and the clipped surrogate (`nemo_rlp.objective.rlp_loss`);
      only sampled thought tokens carry gradient;
   5. backward, optimizer step, EMA update (in `PolicyWithTeacher.optimizer_step`).
@@ -76,9 +79,8 @@ def rlp_step(
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
+        mode=cfg.rollout_mode,
     )
-    # Rollouts in eval mode: no dropout, the behaviour policy is the deterministic network.
-    model.policy.eval()
     batch = sample_thoughts(
         model.policy,
         [c.prefix for c in contexts],
@@ -113,6 +115,10 @@ def rlp_step(
     result = model.optimizer_step()
 
     out = {k: float(v) for k, v in metrics.items()}
+    # The sampler's behaviour log-probs and S_pred against the training forward's: ~1e-6 in fp32;
+    # on GPU a growing gap means inference and training kernels disagree.
+    out["logp_mismatch_max"] = float(((logp_new.detach() - batch.behaviour_logprobs).abs() * mask).max())
+    out["s_pred_mismatch_max"] = float((s_pred.detach() - batch.s_pred).abs().max())
     out.update(
         rlp_loss=float(loss.detach()),
         end_marker_rate=float(batch.end_sampled.float().mean()),

@@ -1,0 +1,154 @@
+"""Thought rollouts: the three decoding modes agree, log-probs and S_pred equal teacher forcing,
+contexts of different lengths share a batch exactly, thoughts that hit L are closed and flagged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_rlp.config import ParallelConfig, load_config
+from nemo_rlp.models import build_model
+from nemo_rlp.models.handle import ModelHandle
+from nemo_rlp.parallel import distributed
+from nemo_rlp.rollout.sampler import MODES, Markers, SamplingParams, filter_logits, sample_thoughts
+
+VOCAB = 512
+MARKERS = Markers(think_start=2, think_end=3, pad=0)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def handle() -> ModelHandle:
+    distributed.initialize(ParallelConfig(), seed=1)
+    cfg = load_config(["model.max_sequence_length=512"]).model
+    torch.manual_seed(0)
+    return ModelHandle(build_model(cfg, VOCAB, 1, CPU))
+
+
+def _prefixes(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _sample(handle, prefixes, mode, G=4, L=12, seed=0, temperature=1.0, **kw):
+    params = SamplingParams(group_size=G, max_thought_len=L, temperature=temperature, mode=mode, **kw)
+    targets = [5 + i for i in range(len(prefixes))]
+    return sample_thoughts(handle, prefixes, targets, params, MARKERS, torch.Generator().manual_seed(seed), CPU)
+
+
+@pytest.fixture(scope="module")
+def batches(handle):
+    prefixes = _prefixes([5, 17, 9])  # contexts of different lengths in one batch
+    return prefixes, {mode: _sample(handle, prefixes, mode) for mode in MODES}
+
+
+def test_modes_agree(batches):
+    _, out = batches
+    ref = out["recompute"]
+    for mode in ("cache", "shared_prefill"):
+        assert torch.equal(out[mode].tokens, ref.tokens), mode
+        assert torch.equal(out[mode].thought_len, ref.thought_len)
+        torch.testing.assert_close(out[mode].behaviour_logprobs, ref.behaviour_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out[mode].s_pred, ref.s_pred, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logprobs_and_s_pred_equal_teacher_forcing_without_padding(handle, batches, mode):
+    """Each row scored alone (no other row, no padding) gives the sampler's log-probs and S_pred."""
+    prefixes, out = batches
+    batch = out[mode]
+    for row in range(batch.tokens.shape[0]):
+        n = int(batch.answer_index[row]) + 1
+        alone = batch.tokens[row : row + 1, :n]
+        with torch.no_grad():
+            logprobs = handle.token_logprobs(alone)[0]
+        start, length = int(batch.thought_start[row]), int(batch.thought_len[row])
+        expected = logprobs[start - 1 : start - 1 + length]
+        torch.testing.assert_close(batch.behaviour_logprobs[row, :length], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch.s_pred[row], logprobs[n - 2], atol=1e-4, rtol=0)
+        b = row // batch.group_size
+        assert alone[0, : len(prefixes[b])].tolist() == prefixes[b]
+        assert int(alone[0, len(prefixes[b])]) == MARKERS.think_start
+        assert int(alone[0, n - 2]) == MARKERS.think_end
+        assert int(alone[0, n - 1]) == 5 + b
+    # Padding after a row's x_t does not change its scores either: score the padded batch at once.
+    with torch.no_grad():
+        padded = handle.token_logprobs(batch.tokens)
+    index, mask = batch.thought_token_index()
+    torch.testing.assert_close(padded.gather(1, index - 1)[mask], batch.behaviour_logprobs[mask], atol=1e-4, rtol=0)
+
+
+def test_groups_sample_different_thoughts_and_seed_reproduces(handle):
+    prefixes = _prefixes([8, 8])
+    a = _sample(handle, prefixes, "shared_prefill", seed=3)
+    b = _sample(handle, prefixes, "shared_prefill", seed=3)
+    c = _sample(handle, prefixes, "shared_prefill", seed=4)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+    # The G rows of one context share its prefix but are independent samples.
+    first = a.tokens[: a.group_size]
+    assert len({tuple(r.tolist()) for r in first}) > 1
+
+
+class _Steered(ModelHandle):
+    """The tiny model with the end marker's logit forced: never (bias=-inf) or always (+1e4)."""
+
+    def __init__(self, inner: ModelHandle, bias: float):
+        super().__init__(inner.module)
+        self.bias = bias
+
+    def _steer(self, logits):
+        logits = logits.clone()
+        logits[:, MARKERS.think_end] = self.bias
+        return logits
+
+    def next_token_logits(self, tokens, lengths):
+        return self._steer(super().next_token_logits(tokens, lengths))
+
+    def cached_logits(self, tokens, cache):
+        return self._steer(super().cached_logits(tokens, cache))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_thought_without_end_marker_is_closed_at_L_and_flagged(handle, mode):
+    L = 7
+    batch = _sample(_Steered(handle, float("-inf")), _prefixes([4, 11]), mode, L=L)
+    assert (batch.thought_len == L).all()
+    assert not batch.end_sampled.any()
+    rows = torch.arange(batch.tokens.shape[0])
+    # The recipe inserted the end marker right after the L sampled tokens, then x_t.
+    assert (batch.answer_index == batch.thought_start + L + 1).all()
+    assert (batch.tokens[rows, batch.answer_index - 1] == MARKERS.think_end).all()
+    assert (batch.tokens[rows, batch.answer_index] == torch.tensor([5, 5, 5, 5, 6, 6, 6, 6])).all()
+    # The inserted marker is not a sampled token: the thought mask covers exactly L tokens.
+    _, mask = batch.thought_token_index()
+    assert (mask.sum(1) == L).all()
+
+
+def test_sampled_end_marker_counts_as_a_thought_token(handle):
+    batch = _sample(_Steered(handle, 1.0e4), _prefixes([6]), "shared_prefill", L=5)
+    assert (batch.thought_len == 1).all() and batch.end_sampled.all()
+    assert (batch.tokens[:, batch.thought_start[0]] == MARKERS.think_end).all()
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all()
+    assert not torch.isinf(filter_logits(logits, 2, 1.0)[0, :2]).any()
+    probs = torch.softmax(logits, -1)[0]
+    # top_p just above p0 keeps the two most likely tokens; at most p0, one.
+    kept = ~torch.isinf(filter_logits(logits, 0, float(probs[0]) + 1e-3))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    kept = ~torch.isinf(filter_logits(logits, 0, float(probs[0]) - 1e-3))
+    assert kept.tolist() == [[True, False, False, False, False]]
+
+
+def test_sampling_follows_the_tempered_distribution():
+    """The exponential-race draw is a draw from softmax(logits / T)."""
+    from nemo_rlp.rollout.sampler import sample_tokens
+
+    logits = torch.tensor([[1.0, 0.0, -1.0]]).expand(40000, 3)
+    params = SamplingParams(group_size=2, max_thought_len=1, temperature=0.7)
+    noise = torch.empty(40000, 3).exponential_(generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(sample_tokens(logits, params, noise), minlength=3).float() / 40000
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.7, -1), atol=0.01, rtol=0)
