@@ -1,0 +1,69 @@
+"""Rollouts under tensor parallelism: TP=2 samples the same thoughts, with the same behaviour
+log-probs and S_pred, as TP=1 from the same seed (gloo, CPU).
+
+One launch of two processes: first as one TP=2 replica, then, after re-initialising megatron's
+parallel state, as two TP=1 replicas (DP=2) that are the reference. Both layouts build the same
+weights (the provider initialises full weights on CPU from one seed and shards them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .launch import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+SEED = 77
+VOCAB = 256
+
+
+def _rollout(tensor_parallel: int, mode: str):
+    from nemo_rlp.config import load_config
+    from nemo_rlp.models import build_model
+    from nemo_rlp.models.handle import ModelHandle
+    from nemo_rlp.rollout.sampler import Markers, SamplingParams, sample_thoughts
+
+    cfg = load_config(["model.max_sequence_length=128"]).model
+    torch.manual_seed(SEED)
+    handle = ModelHandle(build_model(cfg, VOCAB, tensor_parallel, torch.device("cpu")))
+    g = torch.Generator().manual_seed(0)
+    prefixes = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (6, 13, 9)]
+    params = SamplingParams(group_size=4, max_thought_len=10, temperature=1.0, mode=mode)
+    batch = sample_thoughts(handle, prefixes, [5, 6, 7], params, Markers(2, 3, 0),
+                            torch.Generator().manual_seed(SEED), torch.device("cpu"))
+    return {"tokens": batch.tokens, "behaviour": batch.behaviour_logprobs, "s_pred": batch.s_pred,
+            "thought_len": batch.thought_len}
+
+
+def _worker() -> dict:
+    from megatron.core import parallel_state
+
+    from nemo_rlp.config import ParallelConfig
+    from nemo_rlp.parallel import distributed
+
+    out = {}
+    distributed.initialize(ParallelConfig(tensor_model_parallel_size=2), SEED)
+    assert parallel_state.get_tensor_model_parallel_world_size() == 2
+    for mode in ("shared_prefill", "recompute"):
+        out[("tp2", mode)] = _rollout(2, mode)
+    parallel_state.destroy_model_parallel()
+    distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1
+    out[("tp1", "shared_prefill")] = _rollout(1, "shared_prefill")
+    return out
+
+
+def test_tp2_rollouts_equal_tp1():
+    results = run_distributed(_worker, world_size=2, timeout=240)
+    ref = results[0][("tp1", "shared_prefill")]
+    for rank, result in enumerate(results):
+        # Both TP=1 replicas (a DP pair) and both TP=2 ranks agree with the reference.
+        for key, got in result.items():
+            assert torch.equal(got["tokens"], ref["tokens"]), (rank, key)
+            assert torch.equal(got["thought_len"], ref["thought_len"]), (rank, key)
+            torch.testing.assert_close(got["behaviour"], ref["behaviour"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(got["s_pred"], ref["s_pred"], atol=1e-4, rtol=0)
+    # The thoughts are real samples, not a degenerate constant.
+    assert len({tuple(r.tolist()) for r in ref["tokens"]}) > 3
