@@ -278,7 +278,8 @@ def validate(cfg: RunConfig) -> None:
     for key, path in sources:
         if d.format != "indexed":
             if not Path(path).is_file():
-                _fail(key, path, "an existing file" + (" (or null for the bundled one)" if key == "data.corpus" else ""))
+                bundled = " (or null for the bundled one)" if key == "data.corpus" else ""
+                _fail(key, path, f"an existing file{bundled}")
             continue
         for suffix in (".bin", ".idx"):
             if not Path(path + suffix).is_file():

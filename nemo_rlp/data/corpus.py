@@ -7,7 +7,6 @@ logged, never dropped silently.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -59,55 +58,10 @@ def read_jsonl_texts(path: str | os.PathLike[str], text_key: str = "text") -> li
     Raises FileNotFoundError for a missing file and ValueError, naming the file and line, for invalid
     UTF-8, a line that is not a JSON object, a missing key, a non-string value, or a file with no lines.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"corpus file not found: {path}. Point the data path at a JSON-lines file with one "
-            f'{{"{text_key}": "..."}} object per line (the bundled one is {BUNDLED_CORPUS}).'
-        )
-    texts: list[str] = []
-    offset = 0  # byte offset of the current line, to locate invalid UTF-8 in tools like `xxd -s`
-    with open(path, "rb") as f:  # bytes, so a decoding error can name its line and offset
-        for lineno, raw in enumerate(f, start=1):
-            line_offset, offset = offset, offset + len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{lineno}: invalid UTF-8 at byte offset {line_offset + exc.start} of the file "
-                    f"({exc.reason}). Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
-                ) from None
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing one) carry no document
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}). Each line must be one "
-                    f'JSON object such as {{"{text_key}": "..."}}; fix or remove the line.'
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}. Each line must be "
-                    f'one object such as {{"{text_key}": "..."}}.'
-                )
-            if text_key not in record:
-                raise ValueError(
-                    f"{path}:{lineno}: no key {text_key!r} (keys present: {sorted(record)}). "
-                    "Set text_key to the key that holds the document text."
-                )
-            text = record[text_key]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{path}:{lineno}: {text_key!r} holds a {type(text).__name__}, expected a string. "
-                    "Set text_key to the key that holds the document text."
-                )
-            texts.append(text)
-    if not texts:
-        raise ValueError(
-            f"{path} is empty: no JSON lines found. Expected one {{\"{text_key}\": \"...\"}} object per line."
-        )
-    return texts
+    # One reader for every text format, streaming; imported here because it imports this module.
+    from nemo_rlp.data.sources import iter_texts
+
+    return list(iter_texts(path, "jsonl", text_key))
 
 
 def load_jsonl_documents_with_stats(

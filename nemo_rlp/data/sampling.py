@@ -2,13 +2,20 @@
 
 * :class:`ContextSampler` draws (context x_<t, next token x_t) pairs for RLP. Its randomness is one
   numpy ``Generator`` (PCG64) seeded with ``seed``; ``state_dict`` saves the generator's exact state,
-  so a restored sampler continues the very same sequence.
+  so a restored sampler continues the very same sequence. With ``positions_per_document = k > 1`` it
+  draws document *windows* (:class:`ContextWindow`, at most ``max_context + 1`` tokens) and k positions
+  in each: one no-think forward of the EMA teacher over a window gives S_ema for all of them. An
+  optional position filter (e.g. :class:`LogProbBand`, off by default) keeps only positions whose
+  teacher log-prob passes; it needs a scorer (:func:`teacher_scorer`) and :meth:`ContextSampler.sample_windows`.
 * :class:`NTPBatcher` cuts the concatenated documents into next-token-prediction windows. It keeps no
   generator state at all, only counters: epoch ``e`` visits documents in the order
   ``numpy.random.default_rng([seed, e]).permutation(num_documents)``, and the cursor is
   (epoch, document index in that order, token index in the document), which is all ``state_dict`` saves.
 
 Both expect the same documents (same order) on restore and check their count and total length.
+Documents are any sequence of token-id sequences (lists, or lazy numpy views such as
+:class:`nemo_rlp.data.indexed.IndexedDocuments`); a ``lengths`` attribute, when present, is used
+instead of reading every document.
 Streams are reproducible for a given numpy version (numpy does not promise identical streams across
 major releases).
 """
@@ -17,14 +24,24 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ContextSampler", "NTPBatcher", "RLPContext"]
+__all__ = [
+    "ContextSampler",
+    "ContextWindow",
+    "LogProbBand",
+    "NTPBatcher",
+    "PositionFilter",
+    "RLPContext",
+    "Scorer",
+    "document_lengths",
+    "teacher_scorer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +53,10 @@ class RLPContext:
     """One RLP example: the thought is sampled after ``prefix`` and scored on ``target``.
 
     ``target == documents[doc_index][position]`` and
-    ``prefix == documents[doc_index][max(0, position - max_context):position]``.
+    ``prefix == documents[doc_index][position - len(prefix):position]`` with
+    ``min_context <= len(prefix) <= max_context``. With one position per document the prefix is as long
+    as allowed, ``documents[doc_index][max(0, position - max_context):position]``; with k positions it
+    starts where their shared :class:`ContextWindow` starts.
     """
 
     prefix: list[int]
@@ -45,31 +65,160 @@ class RLPContext:
     position: int
 
 
+# Scores windows with the no-think teacher: for each window (token ids), an array of len(window) - 1
+# floats whose entry j - 1 is log p̄(window[j] | window[:j]) (the convention of token_logprobs).
+Scorer = Callable[[Sequence[Sequence[int]]], Sequence[np.ndarray]]
+# Gets the teacher log-probs of candidate targets, returns a boolean mask of those to keep.
+PositionFilter = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class ContextWindow:
+    """A slice of one document and the sampled positions in it, which share one teacher forward.
+
+    ``tokens == documents[doc_index][start:start + len(tokens)]``; ``offsets`` are sorted, distinct, with
+    ``min_context <= j < len(tokens) <= max_context + 1``, and ``tokens`` ends at the last target. Offset
+    ``j`` is the context ``tokens[:j]`` with next token ``tokens[j]`` (document position ``start + j``), so
+    one no-think forward over ``tokens`` scores every offset: ``S_ema[j] = log p̄(tokens[j] | tokens[:j])``.
+    ``teacher_logprobs`` holds that forward's ``len(tokens) - 1`` log-probs (entry ``j - 1`` scores
+    ``tokens[j]``) when a scorer was given to :meth:`ContextSampler.sample_windows`, else None.
+    """
+
+    doc_index: int
+    start: int
+    tokens: list[int]
+    offsets: list[int]
+    teacher_logprobs: np.ndarray | None = None
+
+    def contexts(self) -> list[RLPContext]:
+        """One :class:`RLPContext` per offset, in offset order."""
+        return [RLPContext(self.tokens[:j], self.tokens[j], self.doc_index, self.start + j) for j in self.offsets]
+
+    def s_ema(self) -> np.ndarray:
+        """The teacher's no-think log-prob of each offset's target, in offset order: float32 [len(offsets)]."""
+        if self.teacher_logprobs is None:
+            raise ValueError("this window was not scored: pass a scorer to ContextSampler.sample_windows")
+        return np.asarray(self.teacher_logprobs, dtype=np.float32)[np.asarray(self.offsets, dtype=np.int64) - 1]
+
+    def __eq__(self, other: object) -> bool:  # the log-probs array has no plain ==
+        if not isinstance(other, ContextWindow):
+            return NotImplemented
+        same_scores = (self.teacher_logprobs is None) == (other.teacher_logprobs is None) and (
+            self.teacher_logprobs is None or np.array_equal(self.teacher_logprobs, other.teacher_logprobs)
+        )
+        return (self.doc_index, self.start, self.tokens, self.offsets) == (
+            other.doc_index, other.start, other.tokens, other.offsets
+        ) and same_scores
+
+
+@dataclass(frozen=True)
+class LogProbBand:
+    """Keep positions whose no-think log-prob lies in ``[low, high]``: not already near-certain (so a
+    thought has room to help) and not hopeless. A :data:`PositionFilter`."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"LogProbBand needs low < high, got [{self.low}, {self.high}]")
+
+    def __call__(self, logprobs: np.ndarray) -> np.ndarray:
+        return (logprobs >= self.low) & (logprobs <= self.high)
+
+
+def teacher_scorer(
+    token_logprobs: Callable[[torch.Tensor], torch.Tensor],
+    pad_id: int,
+    device: Any = "cpu",
+    max_rows: int | None = None,
+) -> Scorer:
+    """A :data:`Scorer` from a model's ``token_logprobs`` ([b, s] ids -> [b, s-1] log-probs, e.g.
+    ``ModelHandle.token_logprobs`` of the EMA teacher, in eval mode): windows right-padded into no-grad
+    forwards of at most ``max_rows`` rows (None: all in one). Right padding is safe for a causal model:
+    no real token attends to a pad."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+
+    def score(windows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        step = max_rows or max(len(windows), 1)
+        for first in range(0, len(windows), step):
+            chunk = windows[first : first + step]
+            lengths = [len(w) for w in chunk]
+            tokens = torch.full((len(chunk), max(lengths)), int(pad_id), dtype=torch.long)
+            for i, w in enumerate(chunk):
+                tokens[i, : len(w)] = torch.as_tensor(_as_list(w), dtype=torch.long)
+            with torch.no_grad():
+                logprobs = token_logprobs(tokens.to(device)).float().cpu().numpy()
+            out.extend(logprobs[i, : n - 1] for i, n in enumerate(lengths))
+        return out
+
+    return score
+
+
+def document_lengths(documents: Documents) -> np.ndarray:
+    """Every document's length (int64), from ``documents.lengths`` when it has one (lazy sources)."""
+    lengths = getattr(documents, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
+
+
 def _document_fingerprint(documents: Documents) -> tuple[int, int]:
     """(count, total tokens): cheap evidence that a saved state is restored onto the same documents."""
-    return len(documents), int(sum(len(d) for d in documents))
+    return len(documents), int(document_lengths(documents).sum())
 
 
 def _as_list(tokens: Sequence[int]) -> list[int]:
     return tokens.tolist() if hasattr(tokens, "tolist") else [int(t) for t in tokens]
 
 
-class ContextSampler:
-    """Uniform document, then uniform position t with ``min_context <= t < len(doc)``.
+_MAX_PROPOSALS_PER_CONTEXT = 50  # a position filter passing fewer than ~1 in 50 windows is an error
 
-    The prefix is the (at most ``max_context``) tokens of the same document right before t, so a
-    context never crosses a document boundary. Documents with ``len(doc) <= min_context`` have no such
-    position; they are excluded up front (``num_excluded``) and logged.
+
+class ContextSampler:
+    """Uniform document, then position(s) in it; contexts never cross a document boundary.
+
+    With ``positions_per_document == 1`` (the default): a uniform position t with
+    ``min_context <= t < len(doc)``, and the prefix is the (at most ``max_context``) tokens of the same
+    document right before t. With ``positions_per_document = k > 1``: a window of
+    ``W = min(len(doc), max_context + 1)`` consecutive tokens at a uniform start (long documents are
+    thereby windowed), then k distinct uniform offsets ``min_context <= j < W`` in it (all of them if
+    there are fewer); each context is the window's tokens before its offset. Documents with
+    ``len(doc) <= min_context`` have no such position; they are excluded up front (``num_excluded``)
+    and logged.
+
+    :meth:`sample_windows` returns the windows themselves, so the training step can run ONE teacher
+    forward per window for S_ema of all its positions (``scorer``). A ``position_filter`` (e.g.
+    :class:`LogProbBand`; None = off) is applied to the teacher log-probs of each window's candidate
+    positions (the single drawn position when k = 1, every offset ``min_context <= j < W`` when k > 1);
+    the k positions are then drawn among those that pass, and windows where none passes are redrawn
+    (counted in ``num_rejected_windows``). A filter therefore needs :meth:`sample_windows` with a scorer.
+    With a filter the stream is deterministic given the scorer's values.
     """
 
-    def __init__(self, documents: Documents, *, min_context: int, max_context: int, seed: int) -> None:
+    def __init__(
+        self,
+        documents: Documents,
+        *,
+        min_context: int,
+        max_context: int,
+        seed: int,
+        positions_per_document: int = 1,
+        position_filter: PositionFilter | None = None,
+    ) -> None:
         if min_context < 1:
             raise ValueError(f"min_context must be >= 1 (a thought needs some context), got {min_context}")
         if max_context < min_context:
             raise ValueError(f"max_context ({max_context}) must be >= min_context ({min_context})")
+        if positions_per_document < 1:
+            raise ValueError(f"positions_per_document must be >= 1, got {positions_per_document}")
         self.documents = documents
         self.min_context, self.max_context, self.seed = min_context, max_context, seed
-        lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
+        self.positions_per_document = positions_per_document
+        self.position_filter = position_filter
+        lengths = document_lengths(documents)
         self._eligible = np.flatnonzero(lengths > min_context)
         self._eligible_lengths = lengths[self._eligible]
         self.num_excluded = len(documents) - len(self._eligible)
@@ -87,6 +236,22 @@ class ContextSampler:
         self._fingerprint = _document_fingerprint(documents)
         self._rng = np.random.default_rng(seed)
         self.num_sampled = 0
+        # Windows returned; windows drawn but dropped by the filter; filter candidates seen and passed.
+        self.num_windows = self.num_rejected_windows = self.num_candidates = self.num_passed = 0
+
+    @classmethod
+    def from_config(cls, documents: Documents, data_cfg: Any, *, seed: int) -> ContextSampler:
+        """A sampler with ``data.min_context``, ``max_context``, ``positions_per_document`` and
+        ``logprob_band`` (a :class:`LogProbBand` filter, or none) of a :class:`nemo_rlp.config.DataConfig`."""
+        band = data_cfg.logprob_band
+        return cls(
+            documents,
+            min_context=data_cfg.min_context,
+            max_context=data_cfg.max_context,
+            seed=seed,
+            positions_per_document=data_cfg.positions_per_document,
+            position_filter=LogProbBand(float(band[0]), float(band[1])) if band else None,
+        )
 
     @property
     def num_eligible(self) -> int:
@@ -94,46 +259,136 @@ class ContextSampler:
         return len(self._eligible)
 
     def sample(self, n: int) -> list[RLPContext]:
-        """``n`` independent contexts (uniform document, then uniform position in it)."""
+        """``n`` contexts: independent ones if ``positions_per_document == 1``, else windows' positions
+        (contexts of one window are adjacent, in position order). Not with a position filter."""
+        if self.position_filter is not None:
+            raise ValueError(
+                "this ContextSampler has a position filter, which needs the teacher's log-probs: call "
+                "sample_windows(n, scorer) instead of sample(n)"
+            )
+        return [c for w in self.sample_windows(n) for c in w.contexts()]
+
+    def sample_windows(self, n: int, scorer: Scorer | None = None) -> list[ContextWindow]:
+        """Windows holding exactly ``n`` positions in all (the last one may hold fewer than k).
+
+        With ``scorer`` (see :func:`teacher_scorer`), every drawn window is scored in one call per round
+        and each returned window carries ``teacher_logprobs`` (so ``window.s_ema()`` is S_ema of its
+        positions); a position filter requires it.
+        """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        which = self._rng.integers(0, len(self._eligible), size=n)
-        positions = self._rng.integers(self.min_context, self._eligible_lengths[which])  # high is exclusive
-        contexts = []
-        for w, t in zip(which.tolist(), positions.tolist()):
-            doc_index = int(self._eligible[w])
-            doc = self.documents[doc_index]
-            contexts.append(
-                RLPContext(
-                    prefix=_as_list(doc[max(0, t - self.max_context) : t]),
-                    target=int(doc[t]),
-                    doc_index=doc_index,
-                    position=t,
+        if self.position_filter is not None and scorer is None:
+            raise ValueError("a position filter needs the teacher's log-probs: pass scorer= (see teacher_scorer)")
+        k = self.positions_per_document
+        windows: list[ContextWindow] = []
+        remaining, proposed = n, 0
+        while remaining > 0:
+            if proposed > _MAX_PROPOSALS_PER_CONTEXT * n:
+                raise RuntimeError(
+                    f"the position filter {self.position_filter} passed {self.num_passed} of {self.num_candidates} "
+                    f"candidate positions so far; {proposed} windows drawn could not give {n} contexts. Widen "
+                    "data.logprob_band or turn it off (null)."
                 )
-            )
+            # Enough windows for the rest at the yield seen so far (k per window before any filtering).
+            per_window = k if proposed == 0 else max((n - remaining) / proposed, 0.05)
+            count = max(1, int(np.ceil(remaining / min(per_window, k))))
+            proposals = self._propose(count)
+            proposed += count
+            scores = scorer([p[2] for p in proposals]) if scorer is not None else [None] * count
+            for (doc_index, start, tokens, candidates), logprobs in zip(proposals, scores):
+                if remaining == 0:
+                    break
+                if logprobs is not None:
+                    logprobs = np.asarray(logprobs, dtype=np.float32)
+                    if logprobs.shape != (len(tokens) - 1,):
+                        raise ValueError(
+                            f"scorer returned {logprobs.shape} log-probs for a window of {len(tokens)} tokens; "
+                            f"expected ({len(tokens) - 1},): entry j-1 scores token j"
+                        )
+                if self.position_filter is not None:
+                    passed = np.asarray(self.position_filter(logprobs[candidates - 1]), dtype=bool)
+                    self.num_candidates += len(candidates)
+                    self.num_passed += int(passed.sum())
+                    candidates = candidates[passed]
+                    if len(candidates) == 0:
+                        self.num_rejected_windows += 1
+                        continue
+                take = min(k, len(candidates), remaining)
+                if take < len(candidates):
+                    candidates = np.sort(self._rng.choice(candidates, size=take, replace=False))
+                end = int(candidates[-1]) + 1
+                windows.append(
+                    ContextWindow(
+                        doc_index=doc_index,
+                        start=start,
+                        tokens=tokens[:end],
+                        offsets=candidates.tolist(),
+                        teacher_logprobs=None if logprobs is None else logprobs[: end - 1],
+                    )
+                )
+                remaining -= take
         self.num_sampled += n
-        return contexts
+        self.num_windows += len(windows)
+        return windows
+
+    def _propose(self, count: int) -> list[tuple[int, int, list[int], np.ndarray]]:
+        """``count`` (doc_index, start, window tokens, candidate offsets) before any filtering."""
+        which = self._rng.integers(0, len(self._eligible), size=count)
+        lengths = self._eligible_lengths[which]
+        if self.positions_per_document == 1:
+            # One position, with the longest allowed prefix: the window ends at it.
+            positions = self._rng.integers(self.min_context, lengths)  # high is exclusive
+            starts = np.maximum(0, positions - self.max_context)
+            ends = positions + 1
+        else:
+            sizes = np.minimum(lengths, self.max_context + 1)
+            starts = self._rng.integers(0, lengths - sizes + 1)  # high is exclusive
+            ends = starts + sizes
+        out = []
+        for w, s, e in zip(which.tolist(), starts.tolist(), ends.tolist()):
+            doc_index = int(self._eligible[w])
+            first = self.min_context if self.positions_per_document > 1 else e - s - 1
+            out.append((doc_index, s, _as_list(self.documents[doc_index][s:e]), np.arange(first, e - s)))
+        return out
+
+    def stats(self) -> dict[str, float]:
+        """Counters for logging: contexts, windows, and (with a filter) the fraction of positions passing."""
+        out = {"contexts": float(self.num_sampled), "windows": float(self.num_windows)}
+        if self.position_filter is not None:
+            out["filter_pass_frac"] = self.num_passed / max(self.num_candidates, 1)
+            out["filter_rejected_windows"] = float(self.num_rejected_windows)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the exact sequence (plain Python types)."""
         return {
             "seed": self.seed,
             "min_context": self.min_context,
+            "positions_per_document": self.positions_per_document,
             "num_sampled": self.num_sampled,
+            "counters": [self.num_windows, self.num_rejected_windows, self.num_candidates, self.num_passed],
             "documents": list(self._fingerprint),
             "rng": copy.deepcopy(self._rng.bit_generator.state),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; ValueError if it was saved over other documents or another min_context."""
+        """Continue from ``state``; ValueError if it was saved over other documents or other settings."""
         if tuple(state["documents"]) != self._fingerprint or state["min_context"] != self.min_context:
             raise ValueError(
                 f"ContextSampler state was saved over documents (count, tokens)={tuple(state['documents'])} "
                 f"with min_context={state['min_context']}, but this sampler has {self._fingerprint} and "
                 f"min_context={self.min_context}; restore with the same data and settings."
             )
+        k = state.get("positions_per_document", 1)
+        if k != self.positions_per_document:
+            raise ValueError(
+                f"ContextSampler state was saved with positions_per_document={k}, but this sampler has "
+                f"{self.positions_per_document}; restore with the same data and settings."
+            )
         self.seed = state["seed"]
         self.num_sampled = state["num_sampled"]
+        counters = state.get("counters", [0, 0, 0, 0])
+        self.num_windows, self.num_rejected_windows, self.num_candidates, self.num_passed = map(int, counters)
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
 

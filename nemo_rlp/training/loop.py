@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
-from nemo_rlp.data.corpus import BUNDLED_CORPUS, BUNDLED_TOKENIZER, load_jsonl_documents
-from nemo_rlp.data.sampling import ContextSampler, NTPBatcher
+from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
+from nemo_rlp.data.sampling import ContextSampler, NTPBatcher, document_lengths
+from nemo_rlp.data.sources import load_documents
 from nemo_rlp.data.tokenizer import Tokenizer
 from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed
@@ -85,11 +86,11 @@ class Trainer:
         self.tokenizer = tokenizer = Tokenizer.from_file(
             cfg.data.tokenizer or BUNDLED_TOKENIZER, think_start=cfg.rlp.think_start, think_end=cfg.rlp.think_end
         )
-        documents = load_jsonl_documents(cfg.data.corpus or BUNDLED_CORPUS, tokenizer, text_key=cfg.data.text_key)
+        documents = load_documents(cfg.data, tokenizer)
         vocab_size = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tensor_parallel)
         log.info(
             "data: %d documents, %d tokens; tokenizer vocabulary %d, model vocabulary %d",
-            len(documents), sum(len(d) for d in documents), tokenizer.vocab_size, vocab_size,
+            len(documents), int(document_lengths(documents).sum()), tokenizer.vocab_size, vocab_size,
         )
 
         torch.manual_seed(cfg.trainer.seed)
@@ -100,9 +101,7 @@ class Trainer:
         # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
         data_seed = cfg.trainer.seed + 1000 * distributed.data_parallel_rank()
         self.ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=tokenizer.eod_id, seed=data_seed)
-        self.context_sampler = ContextSampler(
-            documents, min_context=cfg.data.min_context, max_context=cfg.data.max_context, seed=data_seed
-        )
+        self.context_sampler = ContextSampler.from_config(documents, cfg.data, seed=data_seed)
         # Seeded identically on every TP rank of a replica, so they sample the same thoughts.
         self.generator = torch.Generator().manual_seed(data_seed)
         self.markers = Markers(
@@ -121,10 +120,11 @@ class Trainer:
             summary.ntp_steps += 1
             summary.ntp_loss.append(step_metrics["ntp_loss"])
         else:
-            contexts = self.context_sampler.sample(self.contexts_per_rank)
             step_metrics, batch, rewards = rlp_step(
-                self.model, contexts, cfg.rlp, self.markers, self.generator, layout.device
+                self.model, self.context_sampler, self.contexts_per_rank, cfg.rlp, self.markers,
+                self.generator, layout.device,
             )
+            step_metrics.update({f"data_{k}": float(v) for k, v in self.context_sampler.stats().items()})
             summary.rlp_steps += 1
             for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate"):
                 getattr(summary, key).append(step_metrics[key])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from nemo_rlp.config import RunConfig
 from nemo_rlp.ema import EMATeacher

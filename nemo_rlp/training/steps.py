@@ -1,9 +1,10 @@
 """One optimizer step of each kind: an NTP batch, or an RLP batch (DESIGN.md section 1, steps 1-9).
 
 The RLP step, top to bottom:
-  1. sample G thoughts per context with the current policy (θ_old = θ: one update per rollout batch),
+  1. draw contexts from document windows; S_ema: one teacher-forced, no-think forward of the EMA
+     teacher per window scores all its sampled positions (and an optional position filter);
+  2. sample G thoughts per context with the current policy (θ_old = θ: one update per rollout batch),
      one cached prefill per context shared by its G thoughts (`nemo_rlp.rollout.sampler`);
-  2. S_ema: one teacher-forced, no-think forward of the EMA teacher over each context and x_t;
   3. one forward of the policy over the rows `context, <think>, c, </think>, x_t` gives, at once,
      log π_θ of every sampled thought token (with gradient) and S_pred = log p_θ(x_t | x_<t, c)
      (detached). Before any update θ_old = θ, so the behaviour log-probs are this forward's,
@@ -17,12 +18,11 @@ The RLP step, top to bottom:
 
 from __future__ import annotations
 
-from typing import Sequence
-
+import numpy as np
 import torch
 
 from nemo_rlp.config import RLPConfig
-from nemo_rlp.data.sampling import RLPContext
+from nemo_rlp.data.sampling import ContextSampler, RLPContext, teacher_scorer
 from nemo_rlp.models.handle import ModelHandle
 from nemo_rlp.objective import rlp_loss
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
@@ -38,17 +38,16 @@ def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor) -> dict[str, float]
     return {"ntp_loss": float(loss.detach()), "grad_norm": result.grad_norm, "updated": float(result.updated)}
 
 
-def no_think_logprob(teacher: ModelHandle, contexts: Sequence[RLPContext], pad: int, device) -> torch.Tensor:
-    """S_ema = log p̄_φ(x_t | x_<t) for each context: [B]."""
-    rows = [list(c.prefix) + [c.target] for c in contexts]
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row, device=device)
-    with torch.no_grad():
-        logprobs = teacher.token_logprobs(tokens)
-    # Entry j of token_logprobs scores token j+1; x_t sits at index length-1.
-    return logprobs[torch.arange(len(rows), device=device), lengths - 2]
+def sample_contexts(
+    model: PolicyWithTeacher, sampler: ContextSampler, n: int, pad: int, device: torch.device
+) -> tuple[list[RLPContext], torch.Tensor]:
+    """Draw n contexts and their S_ema = log p̄_φ(x_t | x_<t) [n]: one teacher forward per document
+    window scores every position sampled from it (and feeds the optional position filter)."""
+    scorer = teacher_scorer(model.teacher.token_logprobs, pad, device)
+    windows = sampler.sample_windows(n, scorer=scorer)
+    contexts = [c for w in windows for c in w.contexts()]
+    s_ema = torch.from_numpy(np.concatenate([w.s_ema() for w in windows])).to(device)
+    return contexts, s_ema
 
 
 def thought_logprobs(
@@ -65,14 +64,17 @@ def thought_logprobs(
 
 def rlp_step(
     model: PolicyWithTeacher,
-    contexts: Sequence[RLPContext],
+    sampler: ContextSampler,
+    num_contexts: int,
     cfg: RLPConfig,
     markers: Markers,
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, float], ThoughtBatch, torch.Tensor]:
     """Returns the step's metrics, the rollouts and their rewards [B, G] (for logging)."""
+    # φ ← θ at the first RLP batch, before the teacher scores anything.
     model.seed_teacher()
+    contexts, s_ema = sample_contexts(model, sampler, num_contexts, markers.pad, device)
     params = SamplingParams(
         group_size=cfg.group_size,
         max_thought_len=cfg.max_thought_len,
@@ -90,7 +92,6 @@ def rlp_step(
         generator,
         device,
     )
-    s_ema = no_think_logprob(model.teacher, contexts, markers.pad, device)
 
     model.policy.train()
     model.zero_grad()

@@ -139,9 +139,11 @@ def test_zero_advantages_give_zero_gradients(trainer):
 
 
 def test_rlp_step_metrics_are_consistent(trainer):
+    state = trainer.context_sampler.state_dict()
     contexts = trainer.context_sampler.sample(trainer.cfg.rlp.contexts_per_step)
-    metrics, batch, rewards = rlp_step(trainer.model, contexts, trainer.cfg.rlp, trainer.markers,
-                                       trainer.generator, trainer.layout.device)
+    trainer.context_sampler.load_state_dict(state)  # the step draws these same contexts
+    metrics, batch, rewards = rlp_step(trainer.model, trainer.context_sampler, trainer.cfg.rlp.contexts_per_step,
+                                       trainer.cfg.rlp, trainer.markers, trainer.generator, trainer.layout.device)
     G = trainer.cfg.rlp.group_size
     assert batch.tokens.shape[0] == len(contexts) * G
     assert rewards.shape == (len(contexts), G)
@@ -157,6 +159,8 @@ def test_rlp_step_metrics_are_consistent(trainer):
             assert int(batch.tokens[row, len(ctx.prefix)]) == trainer.markers.think_start
     # On-policy single update: every ratio is exactly 1, so nothing is clipped.
     assert metrics["ratio_max"] == pytest.approx(1.0) and metrics["clip_frac"] == 0.0
+    # The sampler's own behaviour log-probs and S_pred agree with the training forward.
+    assert metrics["logp_mismatch_max"] < 1e-4 and metrics["s_pred_mismatch_max"] < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -193,3 +197,16 @@ def test_entry_point_fails_at_startup_on_bad_override(tmp_path, override, key):
     assert proc.returncode != 0
     assert key in proc.stderr
     assert "training:" not in proc.stdout + proc.stderr  # rejected before any work
+
+
+def test_rlp_steps_with_windows_and_a_position_filter(tmp_path):
+    """k positions per document window, scored by one teacher forward, and the log-prob band."""
+    cfg = load_config(FAST + ["trainer.steps=2", "trainer.schedule.ntp_per_cycle=0",
+                              "data.positions_per_document=2", "data.logprob_band=[-7.0,-0.5]"])
+    run = Trainer(cfg, tmp_path)
+    for _ in range(2):
+        kind, metrics = run.train_step()
+        assert kind == RLP and metrics["updated"] == 1.0
+    assert metrics["data_contexts"] == 2 * cfg.rlp.contexts_per_step
+    assert metrics["data_windows"] <= metrics["data_contexts"] / 2 + 2
+    assert 0.0 < metrics["data_filter_pass_frac"] <= 1.0
