@@ -24,8 +24,10 @@ patch that stops working fails a test rather than a training run.
 | `synchronize`             | `torch.cuda.synchronize()` (p2p_communication.py:242/398,       | no-op                       |
 |                           | dist_checkpointing/strategies/filesystem_async.py:230)          |                             |
 | `events`                  | `torch.cuda.Event` (text_generation_controller.py:1163, timers) | wall-clock event            |
-| `tensor_cuda_pin_memory`  | `Tensor.cuda()` (language_module.py:244), `Tensor.pin_memory()` | no-ops                      |
-|                           | (text_generation_controller.py:115)                             |                             |
+| `tensor_cuda_pin_memory`  | `Tensor.cuda()` (language_module.py:244), `Tensor.pin_memory()` | `.cuda()` returns the       |
+|                           | (distributed/param_and_grad_buffer.py:976) and the              | tensor, `.pin_memory()` a   |
+|                           | `pin_memory=True` keyword (text_generation_controller.py:115,   | copy; the keyword is        |
+|                           | rope_utils.py:63, via the mode above)                           | dropped                     |
 | `clip_grads`              | optimizer/clip_grads.py:167 asserts `torch.cuda.FloatTensor`    | the same clipping without   |
 |                           | grads (imported by name in optimizer/optimizer.py)              | the CUDA type assertion     |
 
@@ -119,7 +121,10 @@ def _is_cuda_device(device: Any) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites a `device="cuda"` keyword to CPU on every torch call; touches nothing else.
+    """Rewrites a `device="cuda"` keyword to CPU, and drops `pin_memory=True`, on every torch call.
+
+    Torch function modes are per thread: megatron code run from another thread is not redirected
+    (nemo_rlp runs none).
 
     megatron-core has `device="cuda"` literals inside long functions (the forward-backward
     schedules, the optimizer's bookkeeping buffers); redirecting the keyword is far smaller than
@@ -131,6 +136,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):
+            # Pinned memory needs an accelerator; on CPU it is plain memory.
+            kwargs = dict(kwargs, pin_memory=False)
         return func(*args, **kwargs)
 
 
@@ -242,9 +250,14 @@ def _identity(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return self
 
 
+def _copy(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # pin_memory() returns a new tensor; callers may free the original (offload_to_cpu does).
+    return self.clone()
+
+
 def _patch_tensor_cuda_pin_memory() -> None:
     torch.Tensor.cuda = _identity
-    torch.Tensor.pin_memory = _identity
+    torch.Tensor.pin_memory = _copy
 
 
 def _cpu_clip_grad_by_total_norm_fp32(

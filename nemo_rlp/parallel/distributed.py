@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +28,6 @@ class ParallelLayout:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_layout(cfg: ParallelConfig, world_size: int) -> int:
@@ -58,7 +51,7 @@ def check_layout(cfg: ParallelConfig, world_size: int) -> int:
 def initialize(cfg: ParallelConfig, seed: int) -> ParallelLayout:
     """Start torch.distributed and megatron-core's parallel state; seed megatron's RNG tracker.
 
-    Works with no launcher too (one process): it then rendezvouses with itself on a free local port.
+    Works with no launcher too: one process, in a group of its own.
     """
     use_cuda = cpu_platform.cuda_available()
     if not use_cuda:
@@ -79,15 +72,17 @@ def initialize(cfg: ParallelConfig, seed: int) -> ParallelLayout:
         device = torch.device("cpu")
 
     if not torch.distributed.is_initialized():
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        torch.distributed.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=10),
-        )
+        timeout = datetime.timedelta(minutes=10)
+        if "WORLD_SIZE" not in os.environ:
+            # No launcher: a one-process group over an in-memory store. Nothing is written to the
+            # environment, so processes this one starts cannot inherit a port it holds.
+            torch.distributed.init_process_group(
+                backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+        else:
+            torch.distributed.init_process_group(
+                backend=backend, rank=rank, world_size=world_size, timeout=timeout
+            )
 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
