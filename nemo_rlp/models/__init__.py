@@ -32,4 +32,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device:
         from nemo_rlp.models.gpt import build_gpt
 
         return build_gpt(cfg, vocab_size, tensor_parallel, device)
-    raise ConfigError(f"model.arch={cfg.arch!r} is not allowed: one of 'gpt'")
+    if cfg.arch == "hybrid":
+        from nemo_rlp.models.hybrid import build_hybrid
+
+        return build_hybrid(cfg, vocab_size, tensor_parallel, device)
+    raise ConfigError(f"model.arch={cfg.arch!r} is not allowed: one of 'gpt', 'hybrid'")

@@ -21,7 +21,9 @@ _ACTIVATIONS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def transformer_config(cfg: ModelConfig, tensor_parallel: int):
+def transformer_config(cfg: ModelConfig, tensor_parallel: int, **overrides):
+    """megatron's TransformerConfig for `cfg`; `overrides` adds fields not set here (the hybrid
+    provider adds the Mamba ones)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -36,6 +38,7 @@ def transformer_config(cfg: ModelConfig, tensor_parallel: int):
         activation_func=_ACTIVATIONS[cfg.activation],
         qk_layernorm=cfg.qk_layernorm,
         add_bias_linear=cfg.add_bias_linear,
+        layernorm_epsilon=cfg.layernorm_epsilon,
         init_method_std=cfg.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -47,6 +50,7 @@ def transformer_config(cfg: ModelConfig, tensor_parallel: int):
         use_cpu_initialization=True,
         # p2p buffers are synchronised with torch.cuda.synchronize otherwise (CPU platform).
         batch_p2p_sync=torch.cuda.is_available(),
+        **overrides,
     )
 
 

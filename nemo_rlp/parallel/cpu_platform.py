@@ -28,13 +28,17 @@ patch that stops working fails a test rather than a training run.
 |                           | (distributed/param_and_grad_buffer.py:976) and the              | tensor, `.pin_memory()` a   |
 |                           | `pin_memory=True` keyword (text_generation_controller.py:115,   | copy; the keyword is        |
 |                           | rope_utils.py:63, via the mode above)                           | dropped                     |
+| `mamba_kernels`           | ssm/mamba_mixer.py:22 imports megatron's Triton tensor ops, and | the pure-torch kernels of   |
+|                           | the mixer calls mamba-ssm / causal-conv1d kernels               | `nemo_rlp.models.mamba_cpu_kernels` (installed from here so |
+|                           |                                                                 | megatron's Mamba modules import right after `install()`)   |
 | `clip_grads`              | optimizer/clip_grads.py:167 asserts `torch.cuda.FloatTensor`    | the same clipping without   |
 |                           | grads (imported by name in optimizer/optimizer.py)              | the CUDA type assertion     |
 
 Not patched, by design: the bf16 and distributed optimizers require CUDA tensors
 (optimizer/optimizer.py:695, distrib_optimizer.py:431): on CPU the training code uses fp32 Adam.
-`DynamicInferenceEngine` needs flash-attn and stays GPU-only. Mamba's fused kernels are replaced by
-the pure-torch kernels in `nemo_rlp.models` rather than here, since they are model code, not platform.
+`DynamicInferenceEngine` needs flash-attn and stays GPU-only. The Mamba kernels themselves are model
+code and live in `nemo_rlp.models.mamba_cpu_kernels` (their docstring lists their call sites); this
+module only installs them.
 """
 
 from __future__ import annotations
@@ -282,6 +286,12 @@ def _patch_clip_grads() -> None:
         module.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
 
 
+def _patch_mamba_kernels() -> None:
+    from nemo_rlp.models import mamba_cpu_kernels
+
+    mamba_cpu_kernels.install(force=True)
+
+
 _PATCHES: dict[str, Callable[[], None]] = {
     "current_device": _patch_current_device,
     "cuda_device_literals": _patch_cuda_device_literals,
@@ -291,4 +301,5 @@ _PATCHES: dict[str, Callable[[], None]] = {
     "events": _patch_events,
     "tensor_cuda_pin_memory": _patch_tensor_cuda_pin_memory,
     "clip_grads": _patch_clip_grads,
+    "mamba_kernels": _patch_mamba_kernels,
 }

@@ -19,13 +19,13 @@ SEED = 77
 VOCAB = 256
 
 
-def _rollout(tensor_parallel: int, mode: str):
+def _rollout(tensor_parallel: int, mode: str, model: str):
     from nemo_rlp.config import load_config
     from nemo_rlp.models import build_model
     from nemo_rlp.models.handle import ModelHandle
     from nemo_rlp.rollout.sampler import Markers, SamplingParams, sample_thoughts
 
-    cfg = load_config(["model.max_sequence_length=128"]).model
+    cfg = load_config([f"model={model}", "model.max_sequence_length=128"]).model
     torch.manual_seed(SEED)
     handle = ModelHandle(build_model(cfg, VOCAB, tensor_parallel, torch.device("cpu")))
     g = torch.Generator().manual_seed(0)
@@ -37,7 +37,7 @@ def _rollout(tensor_parallel: int, mode: str):
             "thought_len": batch.thought_len}
 
 
-def _worker() -> dict:
+def _worker(model: str) -> dict:
     from megatron.core import parallel_state
 
     from nemo_rlp.config import ParallelConfig
@@ -47,16 +47,17 @@ def _worker() -> dict:
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=2), SEED)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
     for mode in ("shared_prefill", "recompute"):
-        out[("tp2", mode)] = _rollout(2, mode)
+        out[("tp2", mode)] = _rollout(2, mode, model)
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
-    out[("tp1", "shared_prefill")] = _rollout(1, "shared_prefill")
+    out[("tp1", "shared_prefill")] = _rollout(1, "shared_prefill", model)
     return out
 
 
-def test_tp2_rollouts_equal_tp1():
-    results = run_distributed(_worker, world_size=2, timeout=240)
+@pytest.mark.parametrize("model", ["tiny_gpt", "tiny_hybrid"])
+def test_tp2_rollouts_equal_tp1(model):
+    results = run_distributed(_worker, world_size=2, args=(model,), timeout=240)
     ref = results[0][("tp1", "shared_prefill")]
     for rank, result in enumerate(results):
         # Both TP=1 replicas (a DP pair) and both TP=2 ranks agree with the reference.

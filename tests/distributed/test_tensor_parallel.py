@@ -52,7 +52,7 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
     from nemo_rlp.models.handle import ModelHandle
     from nemo_rlp.parallel import distributed
 
-    cfg = load_config([])
+    cfg = load_config(["model=tiny_gpt"])
     layout = distributed.initialize(ParallelConfig(tensor_model_parallel_size=tensor_parallel), SEED)
     vocab = padded_vocab_size(cfg.model, TOKENIZER_VOCAB, tensor_parallel)
     torch.manual_seed(SEED)

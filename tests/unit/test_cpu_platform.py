@@ -489,3 +489,14 @@ def test_an_unchecked_version_warns(monkeypatch):
 
 def test_every_patch_is_exercised():
     assert _EXERCISED == set(cpu_platform._PATCHES)
+
+
+@exercises("mamba_kernels")
+def test_megatron_mamba_mixer_imports_and_uses_the_cpu_kernels():
+    # Without the stand-ins, importing the mixer fails on `import triton` (mamba_mixer.py:22).
+    from megatron.core.ssm import mamba_mixer
+
+    from nemo_rlp.models import mamba_cpu_kernels
+
+    assert mamba_mixer.mamba_chunk_scan_combined is mamba_cpu_kernels.mamba_chunk_scan_combined
+    assert mamba_mixer.causal_conv1d_fn is mamba_cpu_kernels.causal_conv1d_fn

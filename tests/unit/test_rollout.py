@@ -17,10 +17,12 @@ MARKERS = Markers(think_start=2, think_end=3, pad=0)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def handle() -> ModelHandle:
+# Both architectures: attention layers share a prefill through their KV cache, Mamba layers through
+# their conv and SSM states.
+@pytest.fixture(scope="module", params=["tiny_gpt", "tiny_hybrid"])
+def handle(request) -> ModelHandle:
     distributed.initialize(ParallelConfig(), seed=1)
-    cfg = load_config(["model.max_sequence_length=512"]).model
+    cfg = load_config([f"model={request.param}", "model.max_sequence_length=512"]).model
     torch.manual_seed(0)
     return ModelHandle(build_model(cfg, VOCAB, 1, CPU))
 

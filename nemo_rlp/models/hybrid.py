@@ -1,0 +1,246 @@
+"""megatron-core MambaModel provider: hybrid Mamba-Transformer models (Nemotron-H class).
+
+A `ModelConfig` with `arch: hybrid` in, a (possibly tensor-parallel) `MambaModel` out. The layer
+pattern (`hybrid_override_pattern`) has one symbol per layer: 'M' a Mamba-2 mixer layer, '*' a
+self-attention layer, '-' an MLP layer.
+
+Layer specs:
+- GPU with Transformer Engine: megatron's `mamba_stack_spec` (TE linears with fused norms), with the
+  configured SSD chunk size and QK norms.
+- Otherwise (CPU): a local spec of megatron-core modules only (ColumnParallelLinear /
+  RowParallelLinear, DotProductAttention, torch norms). megatron's `MambaStack` hard-codes a TE
+  final norm (mamba_block.py:166 in megatron-core 0.16.1), so the local spec uses `LocalMambaStack`,
+  which builds the same stack with a torch RMSNorm/LayerNorm as its final norm. Like megatron's
+  ModelOpt spec (`remap_te_layernorm`), the local spec maps its separate norms onto the TE names in
+  the distributed checkpoint (`norm.` -> `mixer.in_proj.layer_norm_`, ...), so CPU and GPU
+  checkpoints share keys (the keys are tested on CPU; a CPU -> TE load has not been run here).
+
+The Mamba mixer's fused kernels (mamba-ssm, causal-conv1d, Triton) are replaced by the pure-torch
+ones in `nemo_rlp.models.mamba_cpu_kernels` when they are not usable; `build_hybrid` installs them.
+
+Initialisation is independent of the tensor-parallel layout, as for the GPT provider. Embeddings,
+attention, MLP and the mixer's out-projection honour `use_cpu_initialization` (full weights from one
+seed, then sharded). The mixer's own parameters do not: conv1d, dt_bias and A_log are drawn per TP
+rank from the model-parallel RNG (mamba_mixer.py:293-342), and its in-projection's output rows are
+[z, x, B, C, dt] *per rank*, so a contiguous split of one full weight means different things at
+different TP sizes. `_layout_independent_mixer_init` therefore redraws, for every mixer, the full
+(TP=1) in_proj, conv1d, dt_bias and A_log from one generator with megatron's distributions and
+defaults, and keeps this rank's slice of each part. D and the gated norm start at ones anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import torch
+
+from nemo_rlp.config import ModelConfig
+from nemo_rlp.models import mamba_cpu_kernels
+from nemo_rlp.models.gpt import transformer_config
+
+
+def use_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hybrid_transformer_config(cfg: ModelConfig, tensor_parallel: int):
+    return transformer_config(
+        cfg,
+        tensor_parallel,
+        is_hybrid_model=True,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_state_dim=cfg.mamba_state_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _local_mamba_stack_class():
+    from megatron.core.ssm.mamba_block import MambaStack
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    class LocalMambaStack(MambaStack):
+        """megatron's MambaStack with a torch final norm instead of the hard-coded TENorm."""
+
+        def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
+            super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+            self.post_layer_norm = post_layer_norm
+            if self.post_process and self.post_layer_norm:
+                self.final_norm = WrappedTorchNorm(
+                    config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon
+                )
+
+    return LocalMambaStack
+
+
+def local_stack_spec(cfg: ModelConfig):
+    """The hybrid stack spec from megatron-core modules only (runs on CPU)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.ssm.mamba_block import MambaStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    norm = WrappedTorchNorm
+    qk_norm = norm if cfg.qk_layernorm else IdentityOp
+    return ModuleSpec(
+        module=_local_mamba_stack_class(),
+        submodules=MambaStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    # MambaLayer builds its norm without an eps (mamba_layer.py:85): pass the config's.
+                    norm=ModuleSpec(module=norm, params={"eps": cfg.layernorm_epsilon}),
+                    mixer=ModuleSpec(
+                        module=MambaMixer,
+                        params={"chunk_size": cfg.mamba_chunk_size},
+                        submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=norm,
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=ColumnParallelLinear,
+                            core_attention=DotProductAttention,
+                            linear_proj=RowParallelLinear,
+                            q_layernorm=qk_norm,
+                            k_layernorm=qk_norm,
+                        ),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=norm,
+                    mlp=ModuleSpec(
+                        module=MLP,
+                        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                    ),
+                    mlp_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+                ),
+            ),
+        ),
+    )
+
+
+def te_stack_spec(cfg: ModelConfig):
+    """megatron's Transformer Engine hybrid spec, with the configured chunk size and QK norms."""
+    from megatron.core.extensions.transformer_engine import TENorm
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    spec = copy.deepcopy(mamba_stack_spec)
+    mixer = spec.submodules.mamba_layer.submodules.mixer
+    mixer.params = dict(mixer.params or {}, chunk_size=cfg.mamba_chunk_size)
+    if cfg.qk_layernorm:
+        attention = spec.submodules.attention_layer.submodules.self_attention.submodules
+        attention.q_layernorm = TENorm
+        attention.k_layernorm = TENorm
+    return spec
+
+
+def hybrid_stack_spec(cfg: ModelConfig):
+    return te_stack_spec(cfg) if use_transformer_engine() else local_stack_spec(cfg)
+
+
+def build_hybrid(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
+    """Build the MambaModel for this rank's shard. `vocab_size` is the padded model vocabulary."""
+    # Before megatron's mamba modules are imported: the mixer module needs triton otherwise.
+    mamba_cpu_kernels.install()
+    from megatron.core.models.mamba import MambaModel
+
+    model = MambaModel(
+        config=hybrid_transformer_config(cfg, tensor_parallel),
+        mamba_stack_spec=hybrid_stack_spec(cfg),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.max_sequence_length,
+        hybrid_override_pattern=cfg.hybrid_override_pattern,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_base=cfg.rotary_base,
+        # Logits stay sharded over the vocabulary, as for the GPT provider (nemo_rlp.models.handle).
+        parallel_output=True,
+    )
+    _layout_independent_mixer_init(model)
+    return model.to(device)
+
+
+# megatron's MambaMixer defaults (mamba_mixer.py:144-171); the specs here do not override them.
+_DT_MIN, _DT_MAX, _DT_INIT_FLOOR, _A_INIT_RANGE = 0.001, 0.1, 1e-4, (1.0, 16.0)
+
+
+@torch.no_grad()
+def _layout_independent_mixer_init(model: torch.nn.Module) -> None:
+    """Redraw each mixer's in_proj, conv1d, dt_bias and A_log as one full (TP=1) tensor and keep
+    this rank's slice of every part, so the weights do not depend on the TP layout.
+
+    The generator is seeded from the global torch RNG, which is identical on every rank (megatron's
+    per-rank draws go through the model-parallel RNG tracker, which restores the global state).
+    """
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
+    if not mixers or not model.config.perform_initialization or any(p.is_meta for p in model.parameters()):
+        return
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def uniform(*shape, low, high):
+        return torch.rand(*shape, generator=generator, dtype=torch.float32) * (high - low) + low
+
+    for mixer in mixers:
+        tp, rank = mixer.pg_collection.tp.size(), mixer.pg_collection.tp.rank()
+
+        def keep_rank_slice(full: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+            return torch.cat([part.chunk(tp, dim=0)[rank] for part in full.split(sizes, dim=0)], dim=0)
+
+        d_inner, group_state, heads = mixer.d_inner, mixer.ngroups * mixer.d_state, mixer.nheads
+        in_sizes = [d_inner, d_inner, group_state, group_state, heads]  # z, x, B, C, dt
+        weight = torch.randn(sum(in_sizes), mixer.d_model, generator=generator) * mixer.config.init_method_std
+        mixer.in_proj.weight.copy_(keep_rank_slice(weight, in_sizes))
+
+        conv_sizes = [d_inner, group_state, group_state]  # x, B, C
+        width = mixer.d_conv
+        # nn.Conv1d's kaiming_uniform(a=sqrt(5)) and bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = mixer.conv_init if mixer.conv_init is not None else 1.0 / math.sqrt(width)
+        conv_weight = uniform(sum(conv_sizes), 1, width, low=-bound, high=bound)
+        mixer.conv1d.weight.copy_(keep_rank_slice(conv_weight, conv_sizes))
+        if mixer.conv1d.bias is not None:
+            b = 1.0 / math.sqrt(width)
+            mixer.conv1d.bias.copy_(keep_rank_slice(uniform(sum(conv_sizes), low=-b, high=b), conv_sizes))
+
+        # softplus(dt_bias) log-uniform in [dt_min, dt_max]; A log-initialised uniform in A_init_range.
+        log_dt = uniform(heads, low=math.log(_DT_MIN), high=math.log(_DT_MAX))
+        dt = torch.exp(log_dt).clamp(min=_DT_INIT_FLOOR)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))
+        mixer.dt_bias.copy_(inv_dt.chunk(tp)[rank])
+        A = uniform(heads, low=_A_INIT_RANGE[0], high=_A_INIT_RANGE[1])
+        mixer.A_log.copy_(torch.log(A).chunk(tp)[rank])
