@@ -101,6 +101,13 @@ class RLPConfig:
     # How thoughts are decoded (nemo_rlp.rollout.sampler): one cached prefill per context shared
     # by its G thoughts (default), a cached prefill per thought, or no cache at all (reference).
     rollout_mode: str = "shared_prefill"
+    # Optimizer steps per rollout batch (the clipped surrogate's reason to exist); paper: 1.
+    num_minibatches: int = 1
+    # Contexts (each with its G thoughts) per microbatch of the training forward; 0: all at once.
+    micro_batch_contexts: int = 0
+    # Where θ_old's log-probs and S_pred come from: the training forward ("recompute", exact on the
+    # first step and kernel-consistent) or the rollout pass ("sampler"); see training/steps.py.
+    logprob_source: str = "recompute"
 
 
 @dataclass
@@ -123,6 +130,7 @@ class TrainerConfig:
     adam_eps: float = 1.0e-8
     clip_grad: float = 1.0
     ntp_batch_size: int = 8
+    ntp_micro_batch_size: int = 0  # 0: the whole per-rank batch in one microbatch
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -308,6 +316,14 @@ def validate(cfg: RunConfig) -> None:
         _fail("rlp.contexts_per_step", r.contexts_per_step, "an integer >= 1")
     if r.rollout_mode not in ("shared_prefill", "cache", "recompute"):
         _fail("rlp.rollout_mode", r.rollout_mode, "'shared_prefill', 'cache' or 'recompute'")
+    if r.num_minibatches < 1:
+        _fail("rlp.num_minibatches", r.num_minibatches, "an integer >= 1 (paper: 1)")
+    if r.num_minibatches > r.contexts_per_step:
+        _fail("rlp.num_minibatches", r.num_minibatches, f"<= rlp.contexts_per_step={r.contexts_per_step}")
+    if r.micro_batch_contexts < 0:
+        _fail("rlp.micro_batch_contexts", r.micro_batch_contexts, "an integer >= 0 (0: one microbatch)")
+    if r.logprob_source not in ("recompute", "sampler"):
+        _fail("rlp.logprob_source", r.logprob_source, "'recompute' or 'sampler'")
     if r.think_start == r.think_end or not r.think_start or not r.think_end:
         _fail("rlp.think_end", r.think_end, "a non-empty marker different from rlp.think_start")
 
@@ -332,6 +348,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("trainer.clip_grad", t.clip_grad, "a float >= 0 (0 turns clipping off)")
     if t.ntp_batch_size < 1:
         _fail("trainer.ntp_batch_size", t.ntp_batch_size, "an integer >= 1")
+    if t.ntp_micro_batch_size < 0:
+        _fail("trainer.ntp_micro_batch_size", t.ntp_micro_batch_size, "an integer >= 0 (0: one microbatch)")
     s = t.schedule
     if s.ntp_warmup_steps < 0:
         _fail("trainer.schedule.ntp_warmup_steps", s.ntp_warmup_steps, "an integer >= 0")

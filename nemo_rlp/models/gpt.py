@@ -49,6 +49,9 @@ def transformer_config(cfg: ModelConfig, tensor_parallel: int, **overrides):
         # the same weights whatever its TP layout, which is what makes layouts comparable.
         use_cpu_initialization=True,
         # p2p buffers are synchronised with torch.cuda.synchronize otherwise (CPU platform).
+        # Losses arrive normalised by the global count of thoughts/tokens (training/steps.py): DDP
+        # must sum gradients over data-parallel ranks, not average them.
+        calculate_per_token_loss=True,
         batch_p2p_sync=torch.cuda.is_available(),
         **overrides,
     )

@@ -18,19 +18,14 @@ class ModelHandle:
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Vocabulary-sharded logits [b, s, V/TP] for right-padded rows starting at position 0."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        positions = positions_like(tokens)
         # attention_mask=None: megatron applies its causal mask. Rows are right-padded, so padding
         # sits after every real token and cannot be attended to by them.
         return self.module(tokens, positions, None)
 
     def token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[:, j+1] | tokens[:, :j+1]) for every j: [b, s-1], fp32, differentiable."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        logits = self._logits(tokens[:, :-1]).float()
-        # megatron's cross-entropy is sequence-first and shard-aware: no full-vocab gather needed.
-        nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), tokens[:, 1:].t().contiguous())
-        return -nll.t()
+        return next_token_logprobs(self._logits(tokens[:, :-1]), tokens)
 
     @torch.no_grad()
     def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -100,6 +95,23 @@ class ModelHandle:
 
     def eval(self) -> "ModelHandle":
         return self.train(False)
+
+
+def positions_like(tokens: torch.Tensor) -> torch.Tensor:
+    """Position ids 0..s-1 for right-padded rows that start at position 0."""
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """From vocabulary-sharded logits [b, s-1, V/TP] of inputs tokens[:, :-1]: the fp32 log-prob of
+    each next token, [b, s-1]. megatron's cross-entropy is sequence-first and shard-aware, so no
+    full-vocabulary gather is needed."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    nll = vocab_parallel_cross_entropy(
+        logits.float().transpose(0, 1).contiguous(), tokens[:, 1:].t().contiguous()
+    )
+    return -nll.t()
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

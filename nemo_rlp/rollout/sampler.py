@@ -68,6 +68,18 @@ class ThoughtBatch:
     def num_contexts(self) -> int:
         return self.tokens.shape[0] // self.group_size
 
+    def select_contexts(self, start: int, stop: int) -> "ThoughtBatch":
+        """The rows of contexts [start, stop): a data-parallel rank's share of a global batch."""
+        rows = slice(start * self.group_size, stop * self.group_size)
+        width = max(1, int(self.thought_len[rows].max()))  # U of these rows, as thought_token_index
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return ThoughtBatch(
+            tokens=self.tokens[rows], thought_start=self.thought_start[rows], thought_len=self.thought_len[rows],
+            end_sampled=self.end_sampled[rows], answer_index=self.answer_index[rows], group_size=self.group_size,
+            behaviour_logprobs=None if self.behaviour_logprobs is None else self.behaviour_logprobs[rows, :width],
+            s_pred=pick(self.s_pred),
+        )
+
     def thought_token_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices [B*G, U] of each sampled thought token in its row, and the mask of real ones."""
         max_len = int(self.thought_len.max())

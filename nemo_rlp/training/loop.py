@@ -64,12 +64,15 @@ class RunSummary:
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-def _per_rank(total: int, data_parallel: int, key: str) -> int:
-    if total % data_parallel:
+def _per_rank(total: int, data_parallel: int, rank: int, key: str) -> int:
+    """This rank's share of a global batch size; shares differ by at most one (the losses are
+    normalised globally, so an uneven split trains exactly like one process)."""
+    if total < data_parallel:
         raise ConfigError(
-            f"{key}={total} is not divisible by the data-parallel size {data_parallel}; use a multiple"
+            f"{key}={total} is smaller than the data-parallel size {data_parallel}: every rank needs "
+            f"at least one; use at least {data_parallel}"
         )
-    return total // data_parallel
+    return total // data_parallel + (1 if rank < total % data_parallel else 0)
 
 
 class Trainer:
@@ -80,8 +83,11 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = output_dir
         self.layout = layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
-        self.contexts_per_rank = _per_rank(cfg.rlp.contexts_per_step, layout.data_parallel, "rlp.contexts_per_step")
-        self.ntp_per_rank = _per_rank(cfg.trainer.ntp_batch_size, layout.data_parallel, "trainer.ntp_batch_size")
+        dp_rank = distributed.data_parallel_rank()
+        self.contexts_per_rank = _per_rank(
+            cfg.rlp.contexts_per_step, layout.data_parallel, dp_rank, "rlp.contexts_per_step"
+        )
+        self.ntp_per_rank = _per_rank(cfg.trainer.ntp_batch_size, layout.data_parallel, dp_rank, "trainer.ntp_batch_size")
 
         self.tokenizer = tokenizer = Tokenizer.from_file(
             cfg.data.tokenizer or BUNDLED_TOKENIZER, think_start=cfg.rlp.think_start, think_end=cfg.rlp.think_end
@@ -99,7 +105,7 @@ class Trainer:
         log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
 
         # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
-        data_seed = cfg.trainer.seed + 1000 * distributed.data_parallel_rank()
+        data_seed = cfg.trainer.seed + 1000 * dp_rank
         self.ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=tokenizer.eod_id, seed=data_seed)
         self.context_sampler = ContextSampler.from_config(documents, cfg.data, seed=data_seed)
         # Seeded identically on every TP rank of a replica, so they sample the same thoughts.
@@ -116,7 +122,7 @@ class Trainer:
         kind = step_kind(self.step, cfg.trainer.schedule)
         if kind == NTP:
             tokens = self.ntp_batches.next_batch(self.ntp_per_rank).to(layout.device)
-            step_metrics = ntp_step(self.model, tokens)
+            step_metrics = ntp_step(self.model, tokens, cfg.trainer.ntp_micro_batch_size)
             summary.ntp_steps += 1
             summary.ntp_loss.append(step_metrics["ntp_loss"])
         else:

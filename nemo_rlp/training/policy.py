@@ -38,6 +38,11 @@ class PolicyWithTeacher:
             language_model,
         )
         self.language_model = language_model
+        # The schedules finalise gradients (DP all-reduce, tied-embedding and layernorm reductions)
+        # at the end of every forward-backward pass.
+        from megatron.core.distributed import finalize_model_grads
+
+        language_model.config.finalize_model_grads_func = finalize_model_grads
         t = cfg.trainer
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -67,10 +72,7 @@ class PolicyWithTeacher:
         self.optimizer.zero_grad()
 
     def optimizer_step(self) -> StepResult:
-        """Reduce gradients over data-parallel ranks, step the optimizer, then move the EMA."""
-        from megatron.core.distributed import finalize_model_grads
-
-        finalize_model_grads([self.ddp])
+        """Step the optimizer on the finalised gradients, then move the EMA."""
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.ema.update(self.language_model)

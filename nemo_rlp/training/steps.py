@@ -1,41 +1,123 @@
-"""One optimizer step of each kind: an NTP batch, or an RLP batch (DESIGN.md section 1, steps 1-9).
+"""One optimizer step of each kind, through megatron-core's forward-backward schedules.
 
-The RLP step, top to bottom:
+The RLP step, top to bottom (DESIGN.md section 1):
   1. draw contexts from document windows; S_ema: one teacher-forced, no-think forward of the EMA
      teacher per window scores all its sampled positions (and an optional position filter);
-  2. sample G thoughts per context with the current policy (θ_old = θ: one update per rollout batch),
-     one cached prefill per context shared by its G thoughts (`nemo_rlp.rollout.sampler`);
-  3. one forward of the policy over the rows `context, <think>, c, </think>, x_t` gives, at once,
-     log π_θ of every sampled thought token (with gradient) and S_pred = log p_θ(x_t | x_<t, c)
-     (detached). Before any update θ_old = θ, so the behaviour log-probs are this forward's,
-     detached, and the first ratio is exactly 1. The sampler computed both in its own pass too;
-     they are kept as a check (`logp_mismatch_max`, `s_pred_mismatch_max`), not used, so that a
-     difference between inference and training kernels cannot bias the ratio;
-  4. reward, group-relative advantage and the clipped surrogate (`nemo_rlp.objective.rlp_loss`);
-     only sampled thought tokens carry gradient;
-  5. backward, optimizer step, EMA update (in `PolicyWithTeacher.optimizer_step`).
+  2. sample G thoughts per context with the current policy, one cached prefill per context shared
+     by its G thoughts (`nemo_rlp.rollout.sampler`);
+  3. θ_old's log-probs of the thought tokens and S_pred = log p_θold(x_t | x_<t, c), from
+     `rlp.logprob_source`:
+       - `recompute` (default): the training forward's own. With one optimizer step per rollout
+         batch (the paper's setting) the first training forward *is* θ_old's, so its values,
+         detached, cost nothing and make the first ratio exactly 1; with several minibatches one
+         forward-only pass computes them before the first update. Training and scoring then use
+         the same kernels, so a numerical gap between inference and training kernels (bf16, TE vs
+         the inference path) cannot masquerade as policy change and trip the clip.
+       - `sampler`: the rollout pass's values, which saves that forward when minibatches > 1.
+     Either way the other source is logged as a check (`logp_mismatch_max`, `s_pred_mismatch_max`);
+  4. per minibatch: reward, group-relative advantage and the clipped surrogate on the thought tokens
+     only (`nemo_rlp.training.losses.RLPLoss`), backward, optimizer step, EMA update.
+
+Normalisation. Every microbatch's loss is its summed loss divided by the number of units (RLP
+thoughts, NTP tokens) in the *global* batch, counted over all data-parallel ranks before the
+schedule runs. The model config sets `calculate_per_token_loss`, under which megatron's DDP sums
+gradients over data-parallel ranks instead of averaging them, and the loss functions report zero
+tokens, so `finalize_model_grads` applies no second scaling. The gradient is then exactly the
+single-process gradient of the global mean, however the batch is split over ranks and microbatches.
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from nemo_rlp.config import RLPConfig
 from nemo_rlp.data.sampling import ContextSampler, RLPContext, teacher_scorer
-from nemo_rlp.models.handle import ModelHandle
-from nemo_rlp.objective import rlp_loss
+from nemo_rlp.models.handle import next_token_logprobs, positions_like
+from nemo_rlp.parallel.distributed import data_parallel_sum, reduce_metrics
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
+from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss
 from nemo_rlp.training.policy import PolicyWithTeacher
 
 
-def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor) -> dict[str, float]:
+# ------------------------------------------------------------------------------------------------
+# The schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], forward_only: bool = False) -> list:
+    """Run megatron's forward-backward schedule over one microbatch per loss; returns what each
+    loss reported (on the last pipeline stage): dicts with `metrics` and `units`."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, module):
+        loss = next(data_iterator)
+        inputs = loss.tokens[:, :-1]
+        output = module(inputs, positions_like(inputs), None)
+        return output, partial(_loss_func, loss)
+
+    widths = {loss.tokens.shape for loss in losses}
+    shape = max(widths)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(losses),
+        model=[model.ddp],
+        num_microbatches=len(losses),
+        seq_length=shape[1] - 1,
+        micro_batch_size=shape[0],
+        forward_only=forward_only,
+    )
+
+
+def _loss_func(loss: MicrobatchLoss, output: torch.Tensor):
+    logprobs = next_token_logprobs(output, loss.tokens)
+    share, metrics, units = loss(logprobs)
+    # Zero tokens: the share is already normalised by the global count (module docstring).
+    return share, torch.zeros((), dtype=torch.int), {"metrics": metrics, "units": units}
+
+
+@torch.no_grad()
+def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ's log-probs of the thought tokens [R, U] and S_pred [R], forward-only, in training layout."""
+
+    class _Score:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def __call__(self, logprobs):
+            return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}, 0
+
+    outputs = run_schedule(model, [_Score(t) for t in batch.tokens.split(micro_rows)], forward_only=True)
+    logprobs = torch.cat([o["metrics"]["logprobs"] for o in outputs])
+    index, _ = batch.thought_token_index()
+    rows = torch.arange(logprobs.shape[0], device=logprobs.device)
+    return logprobs.gather(1, index - 1), logprobs[rows, batch.answer_index - 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# NTP
+# ------------------------------------------------------------------------------------------------
+
+
+def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor, micro_batch_size: int = 0) -> dict[str, float]:
+    """One optimizer step on an NTP batch [b, s+1] (this rank's share of the global batch)."""
+    (global_tokens,) = data_parallel_sum([tokens[:, 1:].numel()])
+    losses = [NTPLoss(chunk, int(global_tokens)) for chunk in tokens.split(micro_batch_size or len(tokens))]
     model.policy.train()
     model.zero_grad()
-    loss = model.policy.ntp_loss(tokens)
-    loss.backward()
+    outputs = run_schedule(model, losses)
     result = model.optimizer_step()
-    return {"ntp_loss": float(loss.detach()), "grad_norm": result.grad_norm, "updated": float(result.updated)}
+    metrics = reduce_metrics(outputs)
+    metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# RLP
+# ------------------------------------------------------------------------------------------------
 
 
 def sample_contexts(
@@ -50,18 +132,6 @@ def sample_contexts(
     return contexts, s_ema
 
 
-def thought_logprobs(
-    handle: ModelHandle, batch: ThoughtBatch
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over the rows: log-probs of thought tokens [B*G, U], their mask, S_pred [B*G]."""
-    logprobs = handle.token_logprobs(batch.tokens)
-    index, mask = batch.thought_token_index()
-    rows = torch.arange(batch.tokens.shape[0], device=batch.tokens.device)
-    logp_thought = logprobs.gather(1, index - 1)
-    s_pred = logprobs[rows, batch.answer_index - 1]
-    return logp_thought, mask, s_pred
-
-
 def rlp_step(
     model: PolicyWithTeacher,
     sampler: ContextSampler,
@@ -71,7 +141,8 @@ def rlp_step(
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, float], ThoughtBatch, torch.Tensor]:
-    """Returns the step's metrics, the rollouts and their rewards [B, G] (for logging)."""
+    """Roll out and train on `num_contexts` contexts of this rank. Returns the metrics, the rollouts
+    and their rewards [B, G] by the sampler's S_pred (for logging)."""
     # φ ← θ at the first RLP batch, before the teacher scores anything.
     model.seed_teacher()
     contexts, s_ema = sample_contexts(model, sampler, num_contexts, markers.pad, device)
@@ -84,48 +155,71 @@ def rlp_step(
         mode=cfg.rollout_mode,
     )
     batch = sample_thoughts(
-        model.policy,
-        [c.prefix for c in contexts],
-        [c.target for c in contexts],
-        params,
-        markers,
-        generator,
-        device,
+        model.policy, [c.prefix for c in contexts], [c.target for c in contexts], params, markers, generator, device
     )
+    metrics = rlp_update(model, batch, s_ema, cfg)
+    metrics["end_marker_rate"] = float(batch.end_sampled.float().mean())
+    metrics["thought_len_max"] = float(batch.thought_len.max())
+    rewards = (batch.s_pred.view(len(contexts), cfg.group_size) - s_ema[:, None]).cpu()
+    return metrics, batch, rewards
 
-    model.policy.train()
-    model.zero_grad()
-    B, G = len(contexts), cfg.group_size
-    logp_new, mask, s_pred = thought_logprobs(model.policy, batch)
+
+def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tensor, cfg: RLPConfig) -> dict[str, float]:
+    """Train on rollouts: `cfg.num_minibatches` optimizer steps (each followed by the EMA update),
+    each on an equal share of the contexts, in microbatches of `cfg.micro_batch_contexts`."""
+    G = batch.group_size
+    B = batch.num_contexts
+    if B < cfg.num_minibatches:
+        raise ValueError(
+            f"rlp.num_minibatches={cfg.num_minibatches} needs at least that many contexts on every "
+            f"data-parallel rank; this rank has {B}. Raise rlp.contexts_per_step or lower num_minibatches."
+        )
+    index, mask = batch.thought_token_index()
+    micro_rows = G * (cfg.micro_batch_contexts or B)
+
+    logp_old = s_pred = None
+    if cfg.logprob_source == "sampler":
+        logp_old, s_pred = batch.behaviour_logprobs, batch.s_pred
+    elif cfg.num_minibatches > 1:
+        logp_old, s_pred = _scores(model, batch, micro_rows)
     logp_ref = None
     if cfg.kl_beta > 0:
         with torch.no_grad():
-            logp_ref = thought_logprobs(model.teacher, batch)[0].view(B, G, -1)
-    loss, metrics = rlp_loss(
-        logp_new.view(B, G, -1),
-        logp_new.detach().view(B, G, -1),
-        mask.view(B, G, -1),
-        s_pred.detach().view(B, G),
-        s_ema,
-        cfg.eps_low,
-        cfg.eps_high,
-        kl_beta=cfg.kl_beta,
-        logp_ref=logp_ref,
-    )
-    loss.backward()
-    result = model.optimizer_step()
+            logp_ref = model.teacher.token_logprobs(batch.tokens).gather(1, index - 1)
 
-    out = {k: float(v) for k, v in metrics.items()}
-    # The sampler's behaviour log-probs and S_pred against the training forward's: ~1e-6 in fp32;
-    # on GPU a growing gap means inference and training kernels disagree.
-    out["logp_mismatch_max"] = float(((logp_new.detach() - batch.behaviour_logprobs).abs() * mask).max())
-    out["s_pred_mismatch_max"] = float((s_pred.detach() - batch.s_pred).abs().max())
-    out.update(
-        rlp_loss=float(loss.detach()),
-        end_marker_rate=float(batch.end_sampled.float().mean()),
-        thought_len_max=float(batch.thought_len.max()),
-        grad_norm=result.grad_norm,
-        updated=float(result.updated),
-    )
-    rewards = (s_pred.detach().view(B, G) - s_ema[:, None]).cpu()
-    return out, batch, rewards
+    # Contiguous, equal shares of the contexts (whole groups) per minibatch.
+    context_splits = np.array_split(np.arange(B), cfg.num_minibatches)
+    global_thoughts = data_parallel_sum([len(c) * G for c in context_splits])
+
+    model.policy.train()
+    all_metrics: list[dict] = []
+    for minibatch, (contexts_m, global_m) in enumerate(zip(context_splits, global_thoughts)):
+        # The sampler check compares θ_old's values: only the first minibatch still runs at θ_old.
+        check = minibatch == 0
+        losses = []
+        for micro in np.array_split(contexts_m, max(1, -(-len(contexts_m) * G // micro_rows))):
+            rows = slice(int(micro[0]) * G, (int(micro[-1]) + 1) * G)
+            pick = lambda t: None if t is None else t[rows]  # noqa: E731
+            losses.append(
+                RLPLoss(
+                    tokens=batch.tokens[rows], thought_index=index[rows], thought_mask=mask[rows],
+                    answer_index=batch.answer_index[rows], s_ema=s_ema[int(micro[0]) : int(micro[-1]) + 1],
+                    group_size=G, global_thoughts=int(global_m), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                    kl_beta=cfg.kl_beta, logp_old=pick(logp_old), s_pred=pick(s_pred), logp_ref=pick(logp_ref),
+                    sampler_logp=batch.behaviour_logprobs[rows] if check else None,
+                    sampler_s_pred=batch.s_pred[rows] if check else None,
+                )
+            )
+        model.zero_grad()
+        outputs = run_schedule(model, losses)
+        result = model.optimizer_step()
+        step_metrics = reduce_metrics(outputs)
+        step_metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
+        all_metrics.append(step_metrics)
+    # The last minibatch's optimizer figures; other figures averaged (maxima: the max) over minibatches.
+    out = {}
+    for key in {k for m in all_metrics for k in m}:
+        values = [m[key] for m in all_metrics if key in m]
+        out[key] = float(max(values) if key.endswith("_max") else np.mean(values))
+    out["grad_norm"], out["updated"] = all_metrics[-1]["grad_norm"], all_metrics[-1]["updated"]
+    return out

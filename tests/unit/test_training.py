@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from nemo_rlp.config import ConfigError, load_config
-from nemo_rlp.objective import rlp_loss
+from nemo_rlp.rollout.sampler import SamplingParams, sample_thoughts
+from nemo_rlp.training.losses import RLPLoss
 from nemo_rlp.training.loop import Trainer
 from nemo_rlp.training.schedule import NTP, RLP, step_kind
-from nemo_rlp.training.steps import rlp_step, thought_logprobs
+from nemo_rlp.training.steps import rlp_step, run_schedule, sample_contexts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,21 +111,23 @@ def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _rlp_backward(trainer: Trainer, s_pred_fn) -> dict[str, torch.Tensor]:
+    """Rollouts, then one forward-backward through megatron's schedule with the RLP loss, its
+    S_pred replaced by `s_pred_fn(S_pred [B, G])`; returns the finalised gradients (no step)."""
     cfg, model = trainer.cfg, trainer.model
     model.seed_teacher()
-    contexts = trainer.context_sampler.sample(cfg.rlp.contexts_per_step)
-    from nemo_rlp.rollout.sampler import SamplingParams, sample_thoughts
-
+    contexts, _ = sample_contexts(model, trainer.context_sampler, cfg.rlp.contexts_per_step,
+                                  trainer.markers.pad, trainer.layout.device)
     params = SamplingParams(cfg.rlp.group_size, cfg.rlp.max_thought_len, cfg.rlp.temperature)
     batch = sample_thoughts(model.policy, [c.prefix for c in contexts], [c.target for c in contexts],
                             params, trainer.markers, trainer.generator, trainer.layout.device)
-    model.zero_grad()
     B, G = len(contexts), cfg.rlp.group_size
-    logp, mask, s_pred = thought_logprobs(model.policy, batch)
-    s_pred = s_pred_fn(s_pred.detach().view(B, G))
-    loss, _ = rlp_loss(logp.view(B, G, -1), logp.detach().view(B, G, -1), mask.view(B, G, -1),
-                       s_pred, torch.zeros(B), cfg.rlp.eps_low, cfg.rlp.eps_high)
-    loss.backward()
+    index, mask = batch.thought_token_index()
+    loss = RLPLoss(tokens=batch.tokens, thought_index=index, thought_mask=mask, answer_index=batch.answer_index,
+                   s_ema=torch.zeros(B), group_size=G, global_thoughts=B * G, eps_low=cfg.rlp.eps_low,
+                   eps_high=cfg.rlp.eps_high, s_pred=s_pred_fn(batch.s_pred.view(B, G)).reshape(-1))
+    model.policy.train()
+    model.zero_grad()
+    run_schedule(model, [loss])
     return _grads(trainer)
 
 
@@ -210,3 +213,23 @@ def test_rlp_steps_with_windows_and_a_position_filter(tmp_path):
     assert metrics["data_contexts"] == 2 * cfg.rlp.contexts_per_step
     assert metrics["data_windows"] <= metrics["data_contexts"] / 2 + 2
     assert 0.0 < metrics["data_filter_pass_frac"] <= 1.0
+
+
+@pytest.mark.parametrize("source", ["recompute", "sampler"])
+def test_several_minibatches_per_rollout_batch(tmp_path, source):
+    """Two optimizer steps on one rollout batch: the second sees a moved policy (ratio != 1)."""
+    cfg = load_config(FAST + ["trainer.steps=1", "trainer.schedule.ntp_per_cycle=0", "rlp.num_minibatches=2",
+                              f"rlp.logprob_source={source}", "rlp.micro_batch_contexts=1"])
+    run = Trainer(cfg, tmp_path)
+    kind, metrics = run.train_step()
+    assert kind == RLP and metrics["updated"] == 1.0
+    assert run.model.ema.num_updates == 2  # one EMA update per optimizer step
+    # Ratios are 1 on the first minibatch (theta_old) and move on the second: their max over both is > 1.
+    assert metrics["ratio_max"] > 1.0 + 1e-6
+    # The sampler's log-probs and the training forward's agree (CPU, fp32).
+    assert metrics["logp_mismatch_max"] < 1e-4
+
+
+def test_num_minibatches_beyond_contexts_is_rejected():
+    with pytest.raises(ConfigError, match=r"rlp\.num_minibatches"):
+        load_config(["rlp.contexts_per_step=2", "rlp.num_minibatches=3"])

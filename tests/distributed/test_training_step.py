@@ -1,0 +1,144 @@
+"""The interleaved NTP/RLP step under TP=2 and DP=2 computes what one process computes (gloo, CPU).
+
+Each layout starts from the same weights (full weights initialised on CPU from one seed, then
+sharded) and trains on the same global data for three steps, RLP, NTP, RLP. Every rank samples the
+same global rollouts (same weights, same seed), then a data-parallel rank trains on its slice of the
+contexts and NTP rows: evenly (2+2) or unevenly (3+1). The losses, the updated weights and the EMA
+teacher's weights must equal the single-process run's to 1e-5 (fp32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .launch import run_distributed
+from .test_hybrid_tp import _gather
+
+pytestmark = pytest.mark.distributed
+
+SEED = 4321
+VOCAB = 256
+CONTEXTS = 4  # global RLP batch: 4 contexts x G=3 thoughts
+NTP_ROWS = 8  # global NTP batch
+ATOL = 1e-5
+# adam_eps is raised from 1e-8 on purpose. On its first steps Adam moves each weight by about
+# lr * g / (|g| + eps): a weight whose gradient is within float rounding of zero moves by ±lr, with a
+# sign set by the rounding. Layouts round differently (TP reductions sum in another order), so with
+# eps=1e-8 such weights differ by ~lr between layouts although every loss agrees to 1e-5. With eps
+# well above the rounding noise the comparison tests the parallel computation, not Adam's sign of noise.
+OVERRIDES = ["rlp.group_size=3", "rlp.max_thought_len=6", "rlp.temperature=1.0", "trainer.lr=1e-2",
+             "trainer.adam_eps=1e-3", "model.max_sequence_length=128"]
+
+
+def _global_data():
+    g = torch.Generator().manual_seed(SEED)
+    prefixes = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 8, 14)]
+    targets = torch.randint(4, VOCAB, (CONTEXTS,), generator=g).tolist()
+    ntp = torch.randint(4, VOCAB, (NTP_ROWS, 25), generator=g)
+    return prefixes, targets, ntp
+
+
+def _s_ema(model, prefixes, targets):
+    rows = [p + [t] for p, t in zip(prefixes, targets)]
+    tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    with torch.no_grad():
+        logprobs = model.teacher.token_logprobs(tokens)
+    return logprobs[torch.arange(len(rows)), torch.tensor([len(r) for r in rows]) - 2]
+
+
+def _train(model_name: str, contexts_split: list[int], ntp_split: list[int]) -> dict:
+    """Three steps on this rank's share: contexts_split[r] contexts and ntp_split[r] NTP rows."""
+    from megatron.core import parallel_state
+
+    from nemo_rlp.config import load_config
+    from nemo_rlp.parallel.distributed import ParallelLayout
+    from nemo_rlp.rollout.sampler import Markers, SamplingParams, sample_thoughts
+    from nemo_rlp.training.policy import PolicyWithTeacher
+    from nemo_rlp.training.steps import ntp_step, rlp_update
+
+    cfg = load_config([f"model={model_name}", *OVERRIDES])
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    layout = ParallelLayout(world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(),
+                            tensor_parallel=tp, pipeline_parallel=1,
+                            data_parallel=parallel_state.get_data_parallel_world_size(), device=torch.device("cpu"))
+    torch.manual_seed(SEED)
+    model = PolicyWithTeacher(cfg, VOCAB, layout)
+    prefixes, targets, ntp = _global_data()
+    c0 = sum(contexts_split[:dp_rank])
+    c1 = c0 + contexts_split[dp_rank]
+    n0 = sum(ntp_split[:dp_rank])
+    n1 = n0 + ntp_split[dp_rank]
+    markers = Markers(2, 3, 0)
+    params = SamplingParams(cfg.rlp.group_size, cfg.rlp.max_thought_len, cfg.rlp.temperature)
+    losses = []
+    for step, kind in enumerate(("rlp", "ntp", "rlp")):
+        if kind == "ntp":
+            metrics = ntp_step(model, ntp[n0:n1])
+            losses.append(metrics["ntp_loss"])
+            continue
+        model.seed_teacher()
+        s_ema = _s_ema(model, prefixes, targets)
+        batch = sample_thoughts(model.policy, prefixes, targets, params, markers,
+                                torch.Generator().manual_seed(SEED + step), torch.device("cpu"))
+        metrics = rlp_update(model, batch.select_contexts(c0, c1), s_ema[c0:c1], cfg.rlp)
+        losses.append(metrics["loss_pg"])
+        losses.append(metrics["reward_mean"])
+    params_ = dict(model.language_model.named_parameters())
+    parts = _mixer_parts(model.language_model)
+    return {
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "weights": {n: _gather(n, p, p, parts) for n, p in params_.items()},
+        "teacher": {n: _gather(n, p, params_[n], parts) for n, p in model.ema.teacher.named_parameters()},
+    }
+
+
+def _mixer_parts(model) -> dict:
+    """How each Mamba mixer's fused tensors split into parts per TP rank (none for a GPT)."""
+    parts = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "d_inner_local_tp"):
+            d, gn, h = module.d_inner_local_tp, module.ngroups_local_tp * module.d_state, module.nheads_local_tp
+            parts[name.rsplit(".mixer", 1)[0]] = {"in_proj": [d, d, gn, gn, h], "conv": [d, gn, gn]}
+    return parts
+
+
+def _worker(model_name: str, layouts: list[tuple[int, list[int], list[int]]]) -> dict:
+    from megatron.core import parallel_state
+
+    from nemo_rlp.config import ParallelConfig
+    from nemo_rlp.parallel import distributed
+
+    out = {}
+    for tp, contexts_split, ntp_split in layouts:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        distributed.initialize(ParallelConfig(tensor_model_parallel_size=tp), SEED)
+        out[(tp, tuple(contexts_split))] = _train(model_name, contexts_split, ntp_split)
+    return out
+
+
+def _assert_same(got: dict, ref: dict, what: str) -> None:
+    torch.testing.assert_close(got["losses"], ref["losses"], atol=ATOL, rtol=0, msg=f"{what}: losses")
+    for part in ("weights", "teacher"):
+        for name, value in ref[part].items():
+            torch.testing.assert_close(got[part][name], value, atol=ATOL, rtol=0, msg=f"{what}: {part} {name}")
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt", "tiny_hybrid"])
+def test_tp2_dp2_and_uneven_dp2_equal_one_process(model_name):
+    (reference,) = run_distributed(_worker, world_size=1, args=(model_name, [(1, [CONTEXTS], [NTP_ROWS])]),
+                                   timeout=240)
+    ref = reference[(1, (CONTEXTS,))]
+    # The run is not trivial: the weights moved and the EMA teacher lags behind them.
+    moved = max(float((ref["weights"][n] - ref["teacher"][n]).abs().max()) for n in ref["weights"])
+    assert moved > 1e-4
+    layouts = [(2, [CONTEXTS], [NTP_ROWS]), (1, [2, 2], [4, 4]), (1, [3, 1], [6, 2])]
+    results = run_distributed(_worker, world_size=2, args=(model_name, layouts), timeout=300)
+    for rank, result in enumerate(results):
+        _assert_same(result[(2, (CONTEXTS,))], ref, f"TP=2 rank {rank}")
+        _assert_same(result[(1, (2, 2))], ref, f"DP=2 even, rank {rank}")
+        _assert_same(result[(1, (3, 1))], ref, f"DP=2 uneven 3+1, rank {rank}")
