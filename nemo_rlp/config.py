@@ -365,6 +365,12 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"parallel.{key}", getattr(p, key), "an integer >= 1")
     if p.backend not in ("auto", "gloo", "nccl"):
         _fail("parallel.backend", p.backend, "'auto', 'gloo' or 'nccl'")
+    if m.num_layers % p.pipeline_model_parallel_size:
+        _fail(
+            "parallel.pipeline_model_parallel_size",
+            p.pipeline_model_parallel_size,
+            f"a divisor of model.num_layers={m.num_layers} (each stage holds as many layers)",
+        )
     if m.num_attention_heads % p.tensor_model_parallel_size:
         _fail(
             "parallel.tensor_model_parallel_size",

@@ -26,6 +26,7 @@ def transformer_config(cfg: ModelConfig, tensor_parallel: int, **overrides):
     provider adds the Mamba ones)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    pipeline_parallel = pipeline_stage()[2]
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -48,10 +49,17 @@ def transformer_config(cfg: ModelConfig, tensor_parallel: int, **overrides):
         # Initialise the full weights on CPU from one seed and then shard them: a model starts from
         # the same weights whatever its TP layout, which is what makes layouts comparable.
         use_cpu_initialization=True,
-        # p2p buffers are synchronised with torch.cuda.synchronize otherwise (CPU platform).
         # Losses arrive normalised by the global count of thoughts/tokens (training/steps.py): DDP
         # must sum gradients over data-parallel ranks, not average them.
         calculate_per_token_loss=True,
+        # Pipeline stages exchange activations of rows whose width changes from batch to batch.
+        pipeline_model_parallel_size=pipeline_parallel,
+        pipeline_dtype=DTYPES[cfg.params_dtype],
+        variable_seq_lengths=pipeline_parallel > 1,
+        # megatron rejects variable sequence lengths with its default MoE dispatcher even in a dense
+        # model (transformer_config.py:1827); the dispatcher is unused without experts.
+        moe_token_dispatcher_type="alltoall",
+        # p2p buffers are synchronised with torch.cuda.synchronize otherwise (CPU platform).
         batch_p2p_sync=torch.cuda.is_available(),
         **overrides,
     )
@@ -73,11 +81,29 @@ def _layer_spec(cfg: ModelConfig):
     return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
 
 
+def pipeline_stage() -> tuple[bool, bool, int]:
+    """(first stage, last stage, pipeline size) of this rank; one stage when megatron's parallel
+    state is not initialised (e.g. counting parameters on the meta device)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return True, True, 1
+    return (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+
+
 def build_gpt(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
-    """Build the GPTModel for this rank's shard. `vocab_size` is the padded model vocabulary."""
+    """Build the GPTModel for this rank's shard (its pipeline stage's layers, its TP slice).
+    `vocab_size` is the padded model vocabulary."""
     from megatron.core.models.gpt import GPTModel
 
+    first, last, _ = pipeline_stage()
     model = GPTModel(
+        pre_process=first,
+        post_process=last,
         config=transformer_config(cfg, tensor_parallel),
         transformer_layer_spec=_layer_spec(cfg),
         vocab_size=vocab_size,

@@ -1,14 +1,20 @@
 """The model handle: the one interface that rollouts, scoring and training use to call a model.
 
 It hides how a megatron-core language model is called (position ids, vocabulary-sharded logits,
-wrappers such as DDP) behind three questions a caller asks: the log-prob of given next tokens, the
-full next-token distribution at each row's end, and the NTP loss. A new architecture is a new
-provider in `nemo_rlp.models`; this handle does not change.
+pipeline stages, wrappers such as DDP) behind the questions a caller asks: the log-prob of given next
+tokens, and the full next-token distribution at each row's end, with or without a cache. A new
+architecture is a new provider in `nemo_rlp.models`; this handle does not change.
+
+Under pipeline parallelism only the last stage sees logits; the no-grad answers are broadcast to
+every stage of the replica, so all stages run the same sampler and see the same numbers. (Training
+does not come through here: it runs megatron's schedules, `nemo_rlp.training.steps`.)
 """
 
 from __future__ import annotations
 
 import torch
+
+from nemo_rlp.parallel import pipeline
 
 
 class ModelHandle:
@@ -16,30 +22,38 @@ class ModelHandle:
         # `module` may be megatron's DDP wrapper; calling it forwards to the language model.
         self.module = module
 
-    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Vocabulary-sharded logits [b, s, V/TP] for right-padded rows starting at position 0."""
-        positions = positions_like(tokens)
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return _unwrap(self.module)
+
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, **kwargs):
+        """Vocabulary-sharded logits [b, s, V/TP] for right-padded rows starting at position 0, on
+        the last pipeline stage (None on the others)."""
+        positions = positions_like(tokens) if positions is None else positions
         # attention_mask=None: megatron applies its causal mask. Rows are right-padded, so padding
         # sits after every real token and cannot be attended to by them.
-        return self.module(tokens, positions, None)
+        return pipeline.forward(self.module, self.language_model, tokens, positions, **kwargs)
 
     def token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log p(tokens[:, j+1] | tokens[:, :j+1]) for every j: [b, s-1], fp32, differentiable."""
-        return next_token_logprobs(self._logits(tokens[:, :-1]), tokens)
+        """log p(tokens[:, j+1] | tokens[:, :j+1]) for every j: [b, s-1], fp32. Differentiable
+        without pipeline parallelism; with it, no-grad and the same on every stage."""
+        if pipeline.size() == 1:
+            return next_token_logprobs(self._logits(tokens[:, :-1]), tokens)
+        if torch.is_grad_enabled():
+            raise RuntimeError("token_logprobs with gradients under pipeline parallelism: train through "
+                               "nemo_rlp.training.steps.run_schedule instead")
+        logits = self._logits(tokens[:, :-1])
+        logprobs = None if logits is None else next_token_logprobs(logits, tokens)
+        return pipeline.broadcast_from_last_stage(logprobs, (tokens.shape[0], tokens.shape[1] - 1), torch.float32)
 
     @torch.no_grad()
     def next_token_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [b, V] for the token after each row's last real token."""
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
         logits = self._logits(tokens)
-        last = logits[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
-        # Every tensor-parallel rank gets the whole distribution, so all sample the same token.
-        return gather_from_tensor_model_parallel_region(last.float())
-
-    def ntp_loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over a [b, s+1] batch (inputs tokens[:, :-1])."""
-        return -self.token_logprobs(tokens).mean()
+        last = None
+        if logits is not None:
+            last = _full_vocab(logits[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1])
+        return self._share(last, tokens.shape[0])
 
     # ---------------------------------------------------------------------------------------------
     # Cached decoding. The cache is megatron-core's StaticInferenceContext: attention layers keep
@@ -60,9 +74,17 @@ class ModelHandle:
         positions = positions.unsqueeze(0).expand_as(tokens)
         if offset > 0:
             cache.enable_decode_mode()
-        logits = self.module(tokens, positions, None, inference_context=cache, runtime_gather_output=True)
+        logits = self._logits(tokens, positions, inference_context=cache, runtime_gather_output=True)
         cache.increment_sequence_len_offset(tokens.shape[1])
-        return logits[:, -1].float()
+        return self._share(None if logits is None else logits[:, -1].float(), tokens.shape[0])
+
+    def _share(self, logits: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """The last stage's full-vocabulary logits [rows, V] on every pipeline stage.
+
+        TODO(scale): broadcasting [rows, V] per decoding step is fine for tests and small vocabularies;
+        at B*G = 8192 rows x 131k vocabulary it is 4 GB per step. The fix is to sample on the last
+        stage and broadcast only each row's token and two log-probs."""
+        return pipeline.broadcast_from_last_stage(logits, (rows, self.language_model.vocab_size), torch.float32)
 
     @torch.no_grad()
     def select_cache_rows(self, cache, index: torch.Tensor) -> None:
@@ -71,8 +93,7 @@ class ModelHandle:
         the cache was filled with, up to the cache's max_batch_size."""
         from megatron.core.transformer.attention import Attention
 
-        lm = _unwrap(self.module)
-        for module in lm.modules():
+        for module in self.language_model.modules():
             if isinstance(module, Attention) and module.layer_number in cache.key_value_memory_dict:
                 key, value = cache.key_value_memory_dict[module.layer_number]
                 # [max_sequence, max_batch, ...]: rows beyond len(index) are left as they are.
@@ -112,6 +133,14 @@ def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
         logits.float().transpose(0, 1).contiguous(), tokens[:, 1:].t().contiguous()
     )
     return -nll.t()
+
+
+def _full_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Gather vocabulary shards [.., V/TP] -> fp32 [.., V]: every tensor-parallel rank gets the whole
+    distribution, so all sample the same token."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits.float())
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

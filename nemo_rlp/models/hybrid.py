@@ -38,7 +38,7 @@ import torch
 
 from nemo_rlp.config import ModelConfig
 from nemo_rlp.models import mamba_cpu_kernels
-from nemo_rlp.models.gpt import transformer_config
+from nemo_rlp.models.gpt import pipeline_stage, transformer_config
 
 
 def use_transformer_engine() -> bool:
@@ -178,7 +178,10 @@ def build_hybrid(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device
     mamba_cpu_kernels.install()
     from megatron.core.models.mamba import MambaModel
 
+    first, last, _ = pipeline_stage()
     model = MambaModel(
+        pre_process=first,
+        post_process=last,
         config=hybrid_transformer_config(cfg, tensor_parallel),
         mamba_stack_spec=hybrid_stack_spec(cfg),
         vocab_size=vocab_size,

@@ -40,11 +40,6 @@ def check_layout(cfg: ParallelConfig, world_size: int) -> int:
             f"{model_parallel} does not divide the world size {world_size}; launch a multiple of "
             f"{model_parallel} processes or change the sizes"
         )
-    if cfg.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            f"parallel.pipeline_model_parallel_size={cfg.pipeline_model_parallel_size}: the training "
-            f"step does not run pipeline parallelism yet; use 1"
-        )
     return world_size // model_parallel
 
 
@@ -136,7 +131,15 @@ def data_parallel_sum(values: list[float]) -> list[float]:
 def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
     """Combine per-microbatch metrics ({"metrics": {name: scalar}, "units": n}) over microbatches and
     data-parallel ranks: a mean weighted by units, or the max for names ending in `_max`. Names
-    starting with `_` are private to a loss and dropped."""
+    starting with `_` are private to a loss and dropped. Only the last pipeline stage has outputs;
+    every stage returns its result."""
+    from nemo_rlp.parallel import pipeline
+
+    metrics = _reduce_over_data_parallel(outputs) if pipeline.is_last_stage() else None
+    return pipeline.broadcast_object_from_last_stage(metrics)
+
+
+def _reduce_over_data_parallel(outputs: list[dict]) -> dict[str, float]:
     from megatron.core import parallel_state
 
     names = sorted({k for o in outputs for k in o["metrics"] if not k.startswith("_")})

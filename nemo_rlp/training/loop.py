@@ -83,6 +83,8 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = output_dir
         self.layout = layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
+        # One voice: the other ranks report only warnings and errors.
+        logging.getLogger("nemo_rlp").setLevel(logging.INFO if layout.is_main else logging.WARNING)
         dp_rank = distributed.data_parallel_rank()
         self.contexts_per_rank = _per_rank(
             cfg.rlp.contexts_per_step, layout.data_parallel, dp_rank, "rlp.contexts_per_step"

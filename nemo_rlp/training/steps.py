@@ -91,6 +91,8 @@ def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int) -> t
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}, 0
 
     outputs = run_schedule(model, [_Score(t) for t in batch.tokens.split(micro_rows)], forward_only=True)
+    if not outputs:  # not the last pipeline stage: only the last one computes losses
+        return None, None
     logprobs = torch.cat([o["metrics"]["logprobs"] for o in outputs])
     index, _ = batch.thought_token_index()
     rows = torch.arange(logprobs.shape[0], device=logprobs.device)

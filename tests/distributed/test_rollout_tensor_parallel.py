@@ -1,9 +1,10 @@
-"""Rollouts under tensor parallelism: TP=2 samples the same thoughts, with the same behaviour
-log-probs and S_pred, as TP=1 from the same seed (gloo, CPU).
+"""Rollouts under tensor and pipeline parallelism: TP=2 and PP=2 sample the same thoughts, with the
+same behaviour log-probs and S_pred, as TP=1 from the same seed (gloo, CPU).
 
-One launch of two processes: first as one TP=2 replica, then, after re-initialising megatron's
-parallel state, as two TP=1 replicas (DP=2) that are the reference. Both layouts build the same
-weights (the provider initialises full weights on CPU from one seed and shards them).
+One launch of two processes: as one TP=2 replica, then, after re-initialising megatron's parallel
+state, as one PP=2 replica, then as two TP=1 replicas (DP=2) that are the reference. All layouts
+start from the same weights (full weights initialised on CPU from one seed and sharded; pipeline
+stages copy their layers from the one-stage model, tests/distributed/layouts.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from .launch import run_distributed
+from .layouts import load_one_stage_weights, one_stage_weights
 
 pytestmark = pytest.mark.distributed
 
@@ -19,7 +21,7 @@ SEED = 77
 VOCAB = 256
 
 
-def _rollout(tensor_parallel: int, mode: str, model: str):
+def _rollout(tensor_parallel: int, mode: str, model: str, weights=None):
     from nemo_rlp.config import load_config
     from nemo_rlp.models import build_model
     from nemo_rlp.models.handle import ModelHandle
@@ -27,7 +29,10 @@ def _rollout(tensor_parallel: int, mode: str, model: str):
 
     cfg = load_config([f"model={model}", "model.max_sequence_length=128"]).model
     torch.manual_seed(SEED)
-    handle = ModelHandle(build_model(cfg, VOCAB, tensor_parallel, torch.device("cpu")))
+    module = build_model(cfg, VOCAB, tensor_parallel, torch.device("cpu"))
+    if weights is not None:
+        load_one_stage_weights(module, weights)
+    handle = ModelHandle(module)
     g = torch.Generator().manual_seed(0)
     prefixes = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (6, 13, 9)]
     params = SamplingParams(group_size=4, max_thought_len=10, temperature=1.0, mode=mode)
@@ -40,7 +45,7 @@ def _rollout(tensor_parallel: int, mode: str, model: str):
 def _worker(model: str) -> dict:
     from megatron.core import parallel_state
 
-    from nemo_rlp.config import ParallelConfig
+    from nemo_rlp.config import ParallelConfig, load_config
     from nemo_rlp.parallel import distributed
 
     out = {}
@@ -50,13 +55,22 @@ def _worker(model: str) -> dict:
         out[("tp2", mode)] = _rollout(2, mode, model)
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
+    torch.manual_seed(SEED)
+    weights = one_stage_weights(load_config([f"model={model}", "model.max_sequence_length=128"]).model, VOCAB, 1)
+    parallel_state.destroy_model_parallel()
+    distributed.initialize(ParallelConfig(pipeline_model_parallel_size=2), SEED)
+    assert parallel_state.get_pipeline_model_parallel_world_size() == 2
+    for mode in ("shared_prefill", "cache", "recompute"):
+        out[("pp2", mode)] = _rollout(1, mode, model, weights)
+    parallel_state.destroy_model_parallel()
+    distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
     out[("tp1", "shared_prefill")] = _rollout(1, "shared_prefill", model)
     return out
 
 
 @pytest.mark.parametrize("model", ["tiny_gpt", "tiny_hybrid"])
-def test_tp2_rollouts_equal_tp1(model):
+def test_tp2_and_pp2_rollouts_equal_tp1(model):
     results = run_distributed(_worker, world_size=2, args=(model,), timeout=240)
     ref = results[0][("tp1", "shared_prefill")]
     for rank, result in enumerate(results):

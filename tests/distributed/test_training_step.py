@@ -1,7 +1,9 @@
-"""The interleaved NTP/RLP step under TP=2 and DP=2 computes what one process computes (gloo, CPU).
+"""The interleaved NTP/RLP step under TP=2, PP=2, DP=2 and TP2xPP2 computes what one process computes
+(gloo, CPU).
 
 Each layout starts from the same weights (full weights initialised on CPU from one seed, then
-sharded) and trains on the same global data for three steps, RLP, NTP, RLP. Every rank samples the
+sharded; pipeline stages copy their layers from the one-stage model, tests/distributed/layouts.py)
+and trains on the same global data for three steps, RLP, NTP, RLP. Every rank samples the
 same global rollouts (same weights, same seed), then a data-parallel rank trains on its slice of the
 contexts and NTP rows: evenly (2+2) or unevenly (3+1). The losses, the updated weights and the EMA
 teacher's weights must equal the single-process run's to 1e-5 (fp32).
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from .launch import run_distributed
+from .layouts import layer_names, load_one_stage_weights, one_stage_weights
 from .test_hybrid_tp import _gather
 
 pytestmark = pytest.mark.distributed
@@ -49,8 +52,9 @@ def _s_ema(model, prefixes, targets):
     return logprobs[torch.arange(len(rows)), torch.tensor([len(r) for r in rows]) - 2]
 
 
-def _train(model_name: str, contexts_split: list[int], ntp_split: list[int]) -> dict:
-    """Three steps on this rank's share: contexts_split[r] contexts and ntp_split[r] NTP rows."""
+def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], weights=None) -> dict:
+    """Three steps on this rank's share: contexts_split[r] contexts and ntp_split[r] NTP rows.
+    `weights`: the one-stage model's weights for a pipeline stage to start from."""
     from megatron.core import parallel_state
 
     from nemo_rlp.config import load_config
@@ -63,10 +67,13 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int]) -> 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     layout = ParallelLayout(world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(),
-                            tensor_parallel=tp, pipeline_parallel=1,
+                            tensor_parallel=tp,
+                            pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(),
                             data_parallel=parallel_state.get_data_parallel_world_size(), device=torch.device("cpu"))
     torch.manual_seed(SEED)
     model = PolicyWithTeacher(cfg, VOCAB, layout)
+    if weights is not None:
+        load_one_stage_weights(model.language_model, weights)
     prefixes, targets, ntp = _global_data()
     c0 = sum(contexts_split[:dp_rank])
     c1 = c0 + contexts_split[dp_rank]
@@ -89,56 +96,97 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int]) -> 
         losses.append(metrics["reward_mean"])
     params_ = dict(model.language_model.named_parameters())
     parts = _mixer_parts(model.language_model)
+    # Named as in the one-stage model; a stage's copy of tied embeddings is not compared.
+    names = {n: g for n, g in layer_names(model.language_model).items() if not n.startswith("output_layer.")}
     return {
         "losses": torch.tensor(losses, dtype=torch.float64),
-        "weights": {n: _gather(n, p, p, parts) for n, p in params_.items()},
-        "teacher": {n: _gather(n, p, params_[n], parts) for n, p in model.ema.teacher.named_parameters()},
+        "weights": {g: _gather(g, params_[n], params_[n], parts) for n, g in names.items()},
+        "teacher": {g: _gather(g, p, params_[n], parts) for n, p in model.ema.teacher.named_parameters()
+                    if (g := names.get(n)) is not None},
     }
 
 
 def _mixer_parts(model) -> dict:
     """How each Mamba mixer's fused tensors split into parts per TP rank (none for a GPT)."""
     parts = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "d_inner_local_tp"):
-            d, gn, h = module.d_inner_local_tp, module.ngroups_local_tp * module.d_state, module.nheads_local_tp
-            parts[name.rsplit(".mixer", 1)[0]] = {"in_proj": [d, d, gn, gn, h], "conv": [d, gn, gn]}
+    for i, layer in enumerate(model.decoder.layers):
+        mixer = getattr(layer, "mixer", None)
+        if hasattr(mixer, "d_inner_local_tp"):
+            d, gn, h = mixer.d_inner_local_tp, mixer.ngroups_local_tp * mixer.d_state, mixer.nheads_local_tp
+            # Keyed by the one-stage model's layer name, as the weights are.
+            parts[f"decoder.layers.{layer.layer_number - 1}"] = {"in_proj": [d, d, gn, gn, h], "conv": [d, gn, gn]}
     return parts
 
 
-def _worker(model_name: str, layouts: list[tuple[int, list[int], list[int]]]) -> dict:
+def _worker(model_name: str, layouts: list[tuple[int, int, list[int], list[int]]]) -> dict:
+    """Train under each (TP, PP, contexts split, NTP split) layout in turn, from the same weights."""
     from megatron.core import parallel_state
 
-    from nemo_rlp.config import ParallelConfig
+    from nemo_rlp.config import ParallelConfig, load_config
     from nemo_rlp.parallel import distributed
 
-    out = {}
-    for tp, contexts_split, ntp_split in layouts:
+    def init(tp: int, pp: int) -> None:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        distributed.initialize(ParallelConfig(tensor_model_parallel_size=tp), SEED)
-        out[(tp, tuple(contexts_split))] = _train(model_name, contexts_split, ntp_split)
+        distributed.initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), SEED)
+
+    out = {}
+    for tp, pp, contexts_split, ntp_split in layouts:
+        weights = None
+        if pp > 1:
+            init(tp, 1)
+            torch.manual_seed(SEED)
+            weights = one_stage_weights(load_config([f"model={model_name}", *OVERRIDES]).model, VOCAB, tp)
+        init(tp, pp)
+        out[(tp, pp, tuple(contexts_split))] = _train(model_name, contexts_split, ntp_split, weights)
     return out
+
+
+def _merge_stages(results: list[dict], key) -> dict:
+    """The union of the weights every rank holds under `key` (pipeline stages hold different layers;
+    tensor-parallel ranks hold the same, already gathered)."""
+    merged = {"losses": results[0][key]["losses"], "weights": {}, "teacher": {}}
+    for result in results:
+        for part in ("weights", "teacher"):
+            merged[part].update(result[key][part])
+    return merged
 
 
 def _assert_same(got: dict, ref: dict, what: str) -> None:
     torch.testing.assert_close(got["losses"], ref["losses"], atol=ATOL, rtol=0, msg=f"{what}: losses")
     for part in ("weights", "teacher"):
+        assert set(got[part]) == set(ref[part]), f"{what}: {part} names differ"
         for name, value in ref[part].items():
             torch.testing.assert_close(got[part][name], value, atol=ATOL, rtol=0, msg=f"{what}: {part} {name}")
 
 
-@pytest.mark.parametrize("model_name", ["tiny_gpt", "tiny_hybrid"])
-def test_tp2_dp2_and_uneven_dp2_equal_one_process(model_name):
-    (reference,) = run_distributed(_worker, world_size=1, args=(model_name, [(1, [CONTEXTS], [NTP_ROWS])]),
+def _reference(model_name: str) -> dict:
+    (reference,) = run_distributed(_worker, world_size=1, args=(model_name, [(1, 1, [CONTEXTS], [NTP_ROWS])]),
                                    timeout=240)
-    ref = reference[(1, (CONTEXTS,))]
+    return reference[(1, 1, (CONTEXTS,))]
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt", "tiny_hybrid"])
+def test_tp2_pp2_dp2_and_uneven_dp2_equal_one_process(model_name):
+    ref = _reference(model_name)
     # The run is not trivial: the weights moved and the EMA teacher lags behind them.
     moved = max(float((ref["weights"][n] - ref["teacher"][n]).abs().max()) for n in ref["weights"])
     assert moved > 1e-4
-    layouts = [(2, [CONTEXTS], [NTP_ROWS]), (1, [2, 2], [4, 4]), (1, [3, 1], [6, 2])]
+    layouts = [(2, 1, [CONTEXTS], [NTP_ROWS]), (1, 2, [CONTEXTS], [NTP_ROWS]), (1, 1, [2, 2], [4, 4]),
+               (1, 1, [3, 1], [6, 2])]
     results = run_distributed(_worker, world_size=2, args=(model_name, layouts), timeout=300)
     for rank, result in enumerate(results):
-        _assert_same(result[(2, (CONTEXTS,))], ref, f"TP=2 rank {rank}")
-        _assert_same(result[(1, (2, 2))], ref, f"DP=2 even, rank {rank}")
-        _assert_same(result[(1, (3, 1))], ref, f"DP=2 uneven 3+1, rank {rank}")
+        _assert_same(result[(2, 1, (CONTEXTS,))], ref, f"TP=2 rank {rank}")
+        _assert_same(result[(1, 1, (2, 2))], ref, f"DP=2 even, rank {rank}")
+        _assert_same(result[(1, 1, (3, 1))], ref, f"DP=2 uneven 3+1, rank {rank}")
+        # Each stage's losses are the last stage's, broadcast.
+        torch.testing.assert_close(result[(1, 2, (CONTEXTS,))]["losses"], ref["losses"], atol=ATOL, rtol=0)
+    _assert_same(_merge_stages(results, (1, 2, (CONTEXTS,))), ref, "PP=2")
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt", "tiny_hybrid"])
+def test_tp2_x_pp2_on_four_processes_equals_one_process(model_name):
+    ref = _reference(model_name)
+    results = run_distributed(_worker, world_size=4, args=(model_name, [(2, 2, [CONTEXTS], [NTP_ROWS])]),
+                              timeout=420)
+    _assert_same(_merge_stages(results, (2, 2, (CONTEXTS,))), ref, "TP2xPP2")

@@ -177,7 +177,7 @@ def test_cuda_device_literals_forward_backward_schedule_runs(parallel):
             micro_batch_size=2,
             forward_only=True,
         )
-        expected = ModelHandle(model).ntp_loss(batch)
+        expected = -ModelHandle(model).token_logprobs(batch).mean()
     assert len(out) == 1
     torch.testing.assert_close(out[0]["loss"], expected, atol=1e-5, rtol=0)
 
@@ -383,7 +383,7 @@ def _sgd_step_with_clip(parallel, clip_grad: float, loss_scale: float) -> tuple[
     )
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    (loss_scale * ModelHandle(ddp).ntp_loss(tokens(2, 12))).backward()
+    (loss_scale * -ModelHandle(ddp).token_logprobs(tokens(2, 12)).mean()).backward()
     finalize_model_grads([ddp])
     true_norm = torch.sqrt(sum(p.main_grad.float().pow(2).sum() for p in model.parameters())).item()
     before = [p.detach().clone() for p in model.parameters()]
