@@ -1,0 +1,34 @@
+"""The real entry point under torchrun (2 gloo processes): TP=2 and PP=2 train, one rank reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["trainer.steps=4", "trainer.schedule.ntp_warmup_steps=1", "rlp.group_size=3", "rlp.max_thought_len=6",
+        "rlp.contexts_per_step=4", "trainer.ntp_batch_size=4", "data.ntp_seq_len=32", "data.max_context=32",
+        "logging.tensorboard=false"]
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"])
+def test_torchrun_entry_point(tmp_path, layout):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "nemo_rlp.train", layout,
+         *FAST, f"logging.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert log.count("done.") == 1, "exactly one rank reports"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["ntp", "ntp", "rlp", "ntp"]
+    assert all(r["updated"] == 1.0 for r in records)
+    assert records[2]["thought_len_mean"] >= 1
