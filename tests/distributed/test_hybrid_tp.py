@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from .launch import run_distributed
+from .layouts import gather_tp, mixer_parts
 
 pytestmark = pytest.mark.distributed
 
@@ -21,31 +22,6 @@ SEED = 1234
 TOKENIZER_VOCAB = 200  # padded to 256 at TP=1 and TP=2
 ATOL = 1e-5
 DECODE_STEPS = 12
-# The Mamba mixer's tensors that are [z, x, B, C, dt] / [x, B, C] per TP rank, and their part sizes.
-_IN_PROJ, _CONV = "mixer.in_proj.weight", ("mixer.conv1d.weight", "mixer.conv1d.bias")
-
-
-def _gather(name: str, tensor: torch.Tensor, param: torch.Tensor, mixer_parts: dict) -> torch.Tensor:
-    """This rank's shard of `param` (values in `tensor`) back in the TP=1 layout."""
-    from megatron.core import parallel_state
-
-    if not getattr(param, "tensor_model_parallel", False):
-        return tensor.detach().clone()
-    group = parallel_state.get_tensor_model_parallel_group()
-    world = torch.distributed.get_world_size(group)
-    shards = [torch.empty_like(tensor) for _ in range(world)]
-    torch.distributed.all_gather(shards, tensor.detach().contiguous(), group=group)
-    dim = getattr(param, "partition_dim", 0)  # the mixer's own parameters shard along dim 0
-    stride = getattr(param, "partition_stride", 1)
-    layer = name.rsplit(".mixer.", 1)[0]
-    if name.endswith(_IN_PROJ) or name.endswith(_CONV):
-        sizes = mixer_parts[layer]["in_proj" if name.endswith(_IN_PROJ) else "conv"]
-        pieces = [s.split(sizes, dim=0) for s in shards]
-        return torch.cat([pieces[r][k] for k in range(len(sizes)) for r in range(world)], dim=0)
-    blocks = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([blocks[r][k] for k in range(stride) for r in range(world)], dim=dim)
-
-
 def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -> dict:
     from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -61,16 +37,9 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
     torch.manual_seed(SEED)
     model = build_model(cfg.model, vocab, tensor_parallel, layout.device)
     handle = ModelHandle(model)
-    # After build_model: it installs the CPU kernels the mixer module needs to import without triton.
-    from megatron.core.ssm.mamba_mixer import MambaMixer
-
-    mixer_parts = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MambaMixer):
-            d, gn, h = module.d_inner_local_tp, module.ngroups_local_tp * module.d_state, module.nheads_local_tp
-            mixer_parts[name.rsplit(".mixer", 1)[0]] = {"in_proj": [d, d, gn, gn, h], "conv": [d, gn, gn]}
+    parts = mixer_parts(model)
     params = dict(model.named_parameters())
-    weights = {name: _gather(name, p, p, mixer_parts) for name, p in params.items()}
+    weights = {name: gather_tp(name, p, p, parts) for name, p in params.items()}
 
     handle.eval()
     with torch.no_grad():
@@ -96,7 +65,7 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
     handle.train()
     model.zero_grad(set_to_none=True)
     handle.token_logprobs(tokens).sum().backward()
-    grads = {name: _gather(name, p.grad, p, mixer_parts) for name, p in params.items()}
+    grads = {name: gather_tp(name, p.grad, p, parts) for name, p in params.items()}
 
     return {
         "tp_size": parallel_state.get_tensor_model_parallel_world_size(),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from .launch import run_distributed
+from .layouts import gather_tp
 
 pytestmark = pytest.mark.distributed
 
@@ -23,24 +24,6 @@ SEED = 1234
 TOKENIZER_VOCAB = 200  # padded to 256 for both TP=1 and TP=2 with the tiny config's multiple of 128
 ATOL = 1e-5
 UNSHARDED = ("decoder.final_layernorm.weight", "decoder.layers.0.input_layernorm.weight")
-
-
-def _gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    """The full (TP=1 layout) value of `tensor`, this rank's shard of `param` (its data or its grad).
-    Tensors of replicated parameters come back as they are."""
-    from megatron.core import parallel_state
-
-    if not getattr(param, "tensor_model_parallel", False):
-        return tensor.detach().clone()
-    group = parallel_state.get_tensor_model_parallel_group()
-    world = torch.distributed.get_world_size(group)
-    shards = [torch.empty_like(tensor) for _ in range(world)]
-    torch.distributed.all_gather(shards, tensor.detach().contiguous(), group=group)
-    # A shard of a strided weight (the gated MLP's fc1: [gate, up]) holds `stride` blocks, one per
-    # stride, which interleave rank by rank in the full weight.
-    dim, stride = param.partition_dim, param.partition_stride
-    blocks = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([blocks[r][k] for k in range(stride) for r in range(world)], dim=dim)
 
 
 def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -> dict:
@@ -59,7 +42,7 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
     model = build_model(cfg.model, vocab, tensor_parallel, layout.device)
     handle = ModelHandle(model)
 
-    weights = {name: _gather_tp(p, p) for name, p in model.named_parameters()}
+    weights = {name: gather_tp(name, p, p) for name, p in model.named_parameters()}
     handle.eval()
     with torch.no_grad():
         logprobs = handle.token_logprobs(tokens)
@@ -68,7 +51,7 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
     handle.train()
     model.zero_grad(set_to_none=True)
     handle.token_logprobs(tokens).sum().backward()
-    grads = {name: _gather_tp(p.grad, p) for name, p in model.named_parameters()}
+    grads = {name: gather_tp(name, p.grad, p) for name, p in model.named_parameters()}
 
     return {
         "env": {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},

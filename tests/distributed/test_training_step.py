@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from .launch import run_distributed
-from .layouts import layer_names, load_one_stage_weights, one_stage_weights
-from .test_hybrid_tp import _gather
+from .layouts import gather_tp, layer_names, load_one_stage_weights, mixer_parts, one_stage_weights
 
 pytestmark = pytest.mark.distributed
 
@@ -95,27 +94,15 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], wei
         losses.append(metrics["loss_pg"])
         losses.append(metrics["reward_mean"])
     params_ = dict(model.language_model.named_parameters())
-    parts = _mixer_parts(model.language_model)
+    parts = mixer_parts(model.language_model)
     # Named as in the one-stage model; a stage's copy of tied embeddings is not compared.
     names = {n: g for n, g in layer_names(model.language_model).items() if not n.startswith("output_layer.")}
     return {
         "losses": torch.tensor(losses, dtype=torch.float64),
-        "weights": {g: _gather(g, params_[n], params_[n], parts) for n, g in names.items()},
-        "teacher": {g: _gather(g, p, params_[n], parts) for n, p in model.ema.teacher.named_parameters()
+        "weights": {g: gather_tp(g, params_[n], params_[n], parts) for n, g in names.items()},
+        "teacher": {g: gather_tp(g, p, params_[n], parts) for n, p in model.ema.teacher.named_parameters()
                     if (g := names.get(n)) is not None},
     }
-
-
-def _mixer_parts(model) -> dict:
-    """How each Mamba mixer's fused tensors split into parts per TP rank (none for a GPT)."""
-    parts = {}
-    for i, layer in enumerate(model.decoder.layers):
-        mixer = getattr(layer, "mixer", None)
-        if hasattr(mixer, "d_inner_local_tp"):
-            d, gn, h = mixer.d_inner_local_tp, mixer.ngroups_local_tp * mixer.d_state, mixer.nheads_local_tp
-            # Keyed by the one-stage model's layer name, as the weights are.
-            parts[f"decoder.layers.{layer.layer_number - 1}"] = {"in_proj": [d, d, gn, gn, h], "conv": [d, gn, gn]}
-    return parts
 
 
 def _worker(model_name: str, layouts: list[tuple[int, int, list[int], list[int]]]) -> dict:
