@@ -79,8 +79,20 @@ def test_parameter_count_on_meta(name, published, closed_form, tolerance):
     cfg = load_config([f"model={name}"]).model
     expected = closed_form(cfg)
     print(
-        f"\n{name}: {count:,} parameters ({count / 1e9:.4f}B; published {published / 1e9:.2f}B, "
+        f"\n{name}: {count:,} parameters ({count / 1e9:.4f}B; reference {published / 1e9:.2f}B, "
         f"{100 * (count / published - 1):+.3f}%), built on meta in {seconds:.1f} s"
     )
     assert count == expected
     assert abs(count / published - 1) < tolerance
+
+
+def test_qwen3_against_its_published_figures():
+    """Qwen3-1.7B's model card: 1.7B parameters, 1.4B of them non-embedding. The total is a rounded
+    1.72B (+1.2% over "1.7B"); the non-embedding count is within 1% of its published figure."""
+    count, _ = _count_on_meta("qwen3_1p7b")
+    cfg = load_config(["model=qwen3_1p7b"]).model
+    non_embedding = count - cfg.vocab_size * cfg.hidden_size  # tied: one vocabulary matrix
+    print(f"\nqwen3_1p7b: {count / 1e9:.4f}B total ({100 * (count / 1.7e9 - 1):+.2f}% vs the rounded 1.7B), "
+          f"{non_embedding / 1e9:.4f}B non-embedding ({100 * (non_embedding / 1.4e9 - 1):+.2f}% vs 1.4B)")
+    assert abs(non_embedding / 1.4e9 - 1) < 0.01
+    assert round(count / 1e9, 1) == 1.7
