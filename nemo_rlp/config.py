@@ -9,6 +9,7 @@ point and the tests both use it), so a bad value is rejected the same way everyw
 from __future__ import annotations
 
 import dataclasses
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -132,6 +133,16 @@ class TrainerConfig:
     ntp_batch_size: int = 8
     ntp_micro_batch_size: int = 0  # 0: the whole per-rank batch in one microbatch
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The learning-rate schedule (megatron-core's OptimizerParamScheduler), counted in optimizer
+    # updates (an RLP step makes rlp.num_minibatches of them). Default: constant `lr` (paper).
+    lr_decay_style: str = "constant"  # constant | linear | cosine | inverse-square-root
+    lr_warmup_steps: int = 0  # linear warm-up from lr_warmup_init to lr
+    lr_warmup_init: float = 0.0
+    lr_decay_steps: Optional[int] = None  # None: every optimizer update of the run
+    min_lr: float = 0.0
+    # A step whose loss, rewards or gradients are not finite is skipped (no update, logged); this
+    # many skipped steps in a row stop the run with an error.
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -153,6 +164,33 @@ class LoggingConfig:
     show_thoughts: int = 1
 
 
+SIGNAL_NAMES_UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints (nemo_rlp.training.checkpoint) and preemption (nemo_rlp.training.preemption)."""
+
+    # None: <logging.output_dir>/checkpoints when logging.output_dir is set; else
+    # outputs/checkpoints/<model.name>-<hash of the config less volatile keys>, relative to the
+    # launch directory, so that rerunning the same command finds the same directory.
+    dir: Optional[str] = None
+    every_steps: int = 100  # 0: only at the end of the run and on a preemption signal
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a save
+    # auto: continue from the latest complete checkpoint in `dir` if there is one; never: start
+    # fresh (saves still go to `dir`, replacing its checkpoints of the same step); PATH: start from
+    # that checkpoint (a step_XXXXXXX directory, or a directory of them: its latest) unless `dir`
+    # already holds one of this run's.
+    resume: str = "auto"
+    # Write the sharded tensors in a background process (megatron-core's async save); the next save,
+    # the end of the run or a preemption waits for it.
+    async_save: bool = False
+    # Signals that ask for a checkpoint at the next step boundary and an exit with the requeue
+    # status (nemo_rlp.training.preemption.REQUEUE_EXIT_CODE); Slurm sends SIGTERM on preemption
+    # and, with `--signal=USR1@SECONDS`, SIGUSR1 that long before the time limit.
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +199,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,6 +383,23 @@ def validate(cfg: RunConfig) -> None:
         _fail("trainer.lr", t.lr, "a float > 0")
     if t.weight_decay < 0:
         _fail("trainer.weight_decay", t.weight_decay, "a float >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            _fail(f"trainer.{key}", getattr(t, key), "a float in [0, 1)")
+    if not t.adam_eps > 0:
+        _fail("trainer.adam_eps", t.adam_eps, "a float > 0")
+    if t.lr_decay_style not in LR_DECAY_STYLES:
+        _fail("trainer.lr_decay_style", t.lr_decay_style, "one of " + ", ".join(map(repr, LR_DECAY_STYLES)))
+    if t.lr_warmup_steps < 0:
+        _fail("trainer.lr_warmup_steps", t.lr_warmup_steps, "an integer >= 0 (0: no warm-up)")
+    if not 0 <= t.lr_warmup_init <= t.lr:
+        _fail("trainer.lr_warmup_init", t.lr_warmup_init, f"a float in [0, trainer.lr={t.lr}]")
+    if not 0 <= t.min_lr <= t.lr:
+        _fail("trainer.min_lr", t.min_lr, f"a float in [0, trainer.lr={t.lr}]")
+    if t.lr_decay_steps is not None and t.lr_decay_steps < 1:
+        _fail("trainer.lr_decay_steps", t.lr_decay_steps, "null (every optimizer update of the run) or an integer >= 1")
+    if t.max_consecutive_skips < 1:
+        _fail("trainer.max_consecutive_skips", t.max_consecutive_skips, "an integer >= 1")
     if t.clip_grad < 0:
         _fail("trainer.clip_grad", t.clip_grad, "a float >= 0 (0 turns clipping off)")
     if t.ntp_batch_size < 1:
@@ -358,6 +414,13 @@ def validate(cfg: RunConfig) -> None:
             "trainer.schedule.rlp_per_cycle",
             s.rlp_per_cycle,
             f"an integer >= 0 with ntp_per_cycle + rlp_per_cycle >= 1 (ntp_per_cycle={s.ntp_per_cycle})",
+        )
+    if t.lr_warmup_steps >= lr_decay_steps(cfg):
+        _fail(
+            "trainer.lr_warmup_steps",
+            t.lr_warmup_steps,
+            f"fewer than the decay horizon of {lr_decay_steps(cfg)} optimizer updates (trainer.lr_decay_steps, "
+            "or by default every update of the run)",
         )
 
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
@@ -390,6 +453,44 @@ def validate(cfg: RunConfig) -> None:
         _fail("logging.log_every", cfg.logging.log_every, "an integer >= 1")
     if cfg.logging.show_thoughts < 0:
         _fail("logging.show_thoughts", cfg.logging.show_thoughts, "an integer >= 0")
+
+    c = cfg.checkpoint
+    if c.every_steps < 0:
+        _fail("checkpoint.every_steps", c.every_steps, "an integer >= 0 (0: only at the end and on a signal)")
+    if c.keep_last < 1:
+        _fail("checkpoint.keep_last", c.keep_last, "an integer >= 1")
+    if c.dir is not None and not str(c.dir).strip():
+        _fail("checkpoint.dir", c.dir, "null (the default directory) or a non-empty path")
+    if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
+        _fail("checkpoint.resume", c.resume, "'auto', 'never' or the path of an existing checkpoint directory")
+    for i, name in enumerate(c.signals):
+        if not isinstance(name, str) or name not in signal.Signals.__members__ or name in SIGNAL_NAMES_UNCATCHABLE:
+            _fail(
+                f"checkpoint.signals[{i}]",
+                name,
+                "the name of a catchable signal, e.g. 'SIGTERM' or 'SIGUSR1' (not SIGKILL or SIGSTOP)",
+            )
+    if len(set(c.signals)) != len(c.signals):
+        _fail("checkpoint.signals", c.signals, "each signal at most once")
+
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+def optimizer_updates(cfg: RunConfig) -> int:
+    """Optimizer updates in a whole run: one per NTP step, `rlp.num_minibatches` per RLP step."""
+    s, steps = cfg.trainer.schedule, cfg.trainer.steps
+    warmup = min(s.ntp_warmup_steps, steps)
+    cycle = s.ntp_per_cycle + s.rlp_per_cycle
+    full, rest = divmod(steps - warmup, cycle)
+    rlp_steps = full * s.rlp_per_cycle + max(0, rest - s.ntp_per_cycle)
+    return steps - rlp_steps + rlp_steps * cfg.rlp.num_minibatches
+
+
+def lr_decay_steps(cfg: RunConfig) -> int:
+    """The learning-rate schedule's horizon in optimizer updates."""
+    t = cfg.trainer
+    return t.lr_decay_steps if t.lr_decay_steps is not None else max(1, optimizer_updates(cfg))
 
 
 def as_dict(cfg: RunConfig) -> dict:

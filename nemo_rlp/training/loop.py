@@ -1,6 +1,13 @@
 """The training loop: set up from a validated `RunConfig`, run the interleaved NTP/RLP schedule.
 
 Data flows one way: documents → contexts → rollouts → rewards → loss → optimizer → EMA.
+
+Failure handling. The trainer resumes from a checkpoint when `checkpoint.resume` finds one
+(`nemo_rlp.training.checkpoint`), saves every `checkpoint.every_steps` steps and at the end, and on a
+preemption signal saves at the next step boundary and returns with `summary.preempted` set (the entry
+point then exits with the requeue status, `nemo_rlp.training.preemption`). A step whose loss, rewards
+or gradients are not finite makes no update; `trainer.max_consecutive_skips` such steps in a row stop
+the run with `TrainingHalted`.
 """
 
 from __future__ import annotations
@@ -8,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
@@ -21,12 +30,18 @@ from nemo_rlp.data.tokenizer import Tokenizer
 from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed
 from nemo_rlp.rollout.sampler import Markers
+from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
 from nemo_rlp.training.metrics import MetricsLogger
 from nemo_rlp.training.policy import PolicyWithTeacher
+from nemo_rlp.training.preemption import PreemptionHandler
 from nemo_rlp.training.schedule import NTP, step_kind
-from nemo_rlp.training.steps import ntp_step, rlp_step
+from nemo_rlp.training.steps import SKIP_REASON, ntp_step, rlp_step
 
 log = logging.getLogger("nemo_rlp")
+
+
+class TrainingHalted(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
 
 
 @dataclass
@@ -41,6 +56,13 @@ class RunSummary:
     thought_len_mean: list[float] = field(default_factory=list)
     end_marker_rate: list[float] = field(default_factory=list)
     output_dir: str = ""
+    # Global counts: NTP tokens predicted and RLP contexts trained on; steps whose update was skipped.
+    ntp_tokens: int = 0
+    rlp_contexts: int = 0
+    skipped_steps: int = 0
+    checkpoint_dir: str = ""
+    resumed_from: str = ""  # the checkpoint this invocation started from ("" : none)
+    preempted: Optional[str] = None  # the signal that stopped the run early, if one did
 
     def table(self) -> str:
         def fifths(values: list[float]) -> str:
@@ -58,8 +80,13 @@ class RunSummary:
             ("positive rewards, first -> last fifth", fifths(self.reward_pos_frac)),
             ("thought length, first -> last fifth", fifths(self.thought_len_mean)),
             ("end-marker rate, first -> last fifth", fifths(self.end_marker_rate)),
+            ("NTP tokens / RLP contexts", f"{self.ntp_tokens} / {self.rlp_contexts}"),
+            ("skipped steps (non-finite)", str(self.skipped_steps)),
             ("outputs", self.output_dir),
+            ("checkpoints", self.checkpoint_dir + (f" (resumed from {self.resumed_from})" if self.resumed_from else "")),
         ]
+        if self.preempted:
+            rows.append(("stopped by", f"{self.preempted} (checkpoint saved; exit for requeue)"))
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
@@ -78,7 +105,10 @@ def _per_rank(total: int, data_parallel: int, rank: int, key: str) -> int:
 class Trainer:
     """Everything a run holds, built from a validated config; `train()` runs the schedule."""
 
-    def __init__(self, cfg: RunConfig, output_dir: Path):
+    def __init__(self, cfg: RunConfig, output_dir: Path, output_dir_is_stable: bool = True):
+        """`output_dir_is_stable`: whether a rerun of the same command gets the same `output_dir`
+        (False for Hydra's per-invocation run directory); if it does, checkpoints default to
+        `output_dir/checkpoints` (nemo_rlp.training.checkpoint.checkpoint_dir)."""
         self.start_time = time.perf_counter()
         self.cfg = cfg
         self.output_dir = output_dir
@@ -107,26 +137,43 @@ class Trainer:
         log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
 
         # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
-        data_seed = cfg.trainer.seed + 1000 * dp_rank
-        self.ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=tokenizer.eod_id, seed=data_seed)
-        self.context_sampler = ContextSampler.from_config(documents, cfg.data, seed=data_seed)
-        # Seeded identically on every TP rank of a replica, so they sample the same thoughts.
-        self.generator = torch.Generator().manual_seed(data_seed)
+        self._documents = documents
+        self._seed_data_streams(cfg.trainer.seed + 1000 * dp_rank)
         self.markers = Markers(
             think_start=tokenizer.think_start_id, think_end=tokenizer.think_end_id, pad=tokenizer.pad_id
         )
         self.step = 0
+        self.consecutive_skips = 0
         self.summary = RunSummary(output_dir=str(output_dir))
+
+        self.checkpointer = Checkpointer(cfg, layout, checkpoint_dir(cfg, output_dir if output_dir_is_stable else None))
+        self.summary.checkpoint_dir = str(self.checkpointer.directory)
+        self.resumed_from = self.checkpointer.resume_path()
+        if self.resumed_from is not None:
+            self._restore(self.resumed_from)
+            self.summary.resumed_from = str(self.resumed_from)
+            log.info("resumed from %s at step %d of %d", self.resumed_from, self.step, cfg.trainer.steps)
+        else:
+            log.info("checkpoints: %s (nothing to resume from: starting at step 0)", self.checkpointer.directory)
+
+    def _seed_data_streams(self, data_seed: int) -> None:
+        documents, cfg = self._documents, self.cfg
+        self.ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=self.tokenizer.eod_id, seed=data_seed)
+        self.context_sampler = ContextSampler.from_config(documents, cfg.data, seed=data_seed)
+        # Seeded identically on every TP rank of a replica, so they sample the same thoughts.
+        self.generator = torch.Generator().manual_seed(data_seed)
 
     def train_step(self) -> tuple[str, dict[str, float]]:
         """One optimizer step of the kind the schedule says; returns the kind and its metrics."""
         cfg, layout, summary = self.cfg, self.layout, self.summary
         kind = step_kind(self.step, cfg.trainer.schedule)
+        lr = self.model.learning_rate  # this step's (the schedule moves after each update)
         if kind == NTP:
             tokens = self.ntp_batches.next_batch(self.ntp_per_rank).to(layout.device)
             step_metrics = ntp_step(self.model, tokens, cfg.trainer.ntp_micro_batch_size)
             summary.ntp_steps += 1
             summary.ntp_loss.append(step_metrics["ntp_loss"])
+            summary.ntp_tokens += cfg.trainer.ntp_batch_size * cfg.data.ntp_seq_len
         else:
             step_metrics, batch, rewards = rlp_step(
                 self.model, self.context_sampler, self.contexts_per_rank, cfg.rlp, self.markers,
@@ -134,6 +181,7 @@ class Trainer:
             )
             step_metrics.update({f"data_{k}": float(v) for k, v in self.context_sampler.stats().items()})
             summary.rlp_steps += 1
+            summary.rlp_contexts += cfg.rlp.contexts_per_step
             for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate"):
                 getattr(summary, key).append(step_metrics[key])
             show = cfg.logging.show_thoughts
@@ -141,26 +189,131 @@ class Trainer:
                 _show_thoughts(self.tokenizer, batch, rewards, show)
         self.step += 1
         summary.steps += 1
+        self._count_skip(step_metrics)
+        step_metrics["lr"] = lr
         return kind, step_metrics
+
+    def _count_skip(self, step_metrics: dict) -> None:
+        """Count a step whose update was skipped; stop after `trainer.max_consecutive_skips` in a row."""
+        reason = step_metrics.pop(SKIP_REASON, None)
+        if not step_metrics.get("skipped_updates"):
+            self.consecutive_skips = 0
+            return
+        self.consecutive_skips += 1
+        self.summary.skipped_steps += 1
+        limit = self.cfg.trainer.max_consecutive_skips
+        log.warning("step %d: update skipped (%s); %d in a row, the run stops at %d",
+                    self.step, reason, self.consecutive_skips, limit)
+        if self.consecutive_skips >= limit:
+            last = self.checkpointer.last_saved_step
+            raise TrainingHalted(
+                f"{self.consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss, "
+                f"rewards or gradients and made no update (trainer.max_consecutive_skips={limit}); last: {reason}. "
+                + (f"The last checkpoint is step {last} in {self.checkpointer.directory}. " if last is not None else "")
+                + "Lower trainer.lr, check the data, or raise trainer.max_consecutive_skips."
+            )
 
     def train(self) -> RunSummary:
         cfg = self.cfg
         metrics = MetricsLogger(
-            self.output_dir, cfg.logging.metrics_file, cfg.logging.tensorboard, self.layout.is_main, cfg.trainer.steps
+            self.output_dir, cfg.logging.metrics_file, cfg.logging.tensorboard, self.layout.is_main, cfg.trainer.steps,
+            resume_step=self.step if self.resumed_from is not None else None,
         )
         if self.layout.is_main:
             (self.output_dir / "resolved_config.json").write_text(json.dumps(as_dict(cfg), indent=2))
-        log.info("training: %d steps, writing to %s", cfg.trainer.steps, self.output_dir)
+        if self.step >= cfg.trainer.steps:
+            log.info(
+                "nothing to do: the run is complete at step %d (trainer.steps=%d). Raise trainer.steps to "
+                "train on, or pass checkpoint.resume=never to start over.", self.step, cfg.trainer.steps,
+            )
+        else:
+            log.info("training: steps %d..%d, writing to %s", self.step + 1, cfg.trainer.steps, self.output_dir)
+        every = cfg.checkpoint.every_steps
         try:
-            while self.step < cfg.trainer.steps:
-                t0 = time.perf_counter()
-                kind, step_metrics = self.train_step()
-                if self.step % cfg.logging.log_every == 0 or self.step == cfg.trainer.steps:
-                    metrics.log(self.step - 1, kind, step_metrics, time.perf_counter() - t0)
+            with PreemptionHandler(cfg.checkpoint.signals) as preemption:
+                while self.step < cfg.trainer.steps:
+                    if preemption.requested(self.layout.device):
+                        self.summary.preempted = preemption.received
+                        break
+                    t0 = time.perf_counter()
+                    kind, step_metrics = self.train_step()
+                    if self.step % cfg.logging.log_every == 0 or self.step == cfg.trainer.steps:
+                        metrics.log(self.step - 1, kind, step_metrics, time.perf_counter() - t0)
+                    self.checkpointer.poll()
+                    if every and self.step % every == 0:
+                        self.save()
+                # The end of the run, or a preemption: nothing is saved twice for one step.
+                self.save()
+                self.checkpointer.wait()
         finally:
             metrics.close()
+            self.checkpointer.close()
         self.summary.seconds = time.perf_counter() - self.start_time
         return self.summary
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------
+
+    def save(self) -> Optional[Path]:
+        """Checkpoint the current step (all ranks call it)."""
+        return self.checkpointer.save(self.step, self.model, self._common_state(), self._rank_state())
+
+    def _common_state(self) -> dict:
+        """What every rank holds alike: the step, the counters and the summary so far."""
+        summary = asdict(self.summary)
+        for key in ("seconds", "output_dir", "checkpoint_dir", "resumed_from", "preempted"):
+            summary.pop(key)
+        return {"step": self.step, "consecutive_skips": self.consecutive_skips, "summary": summary}
+
+    def _rank_state(self) -> dict:
+        """What differs per rank: the data streams, the rollout generator, the RNG states."""
+        return {
+            "ntp_batches": self.ntp_batches.state_dict(),
+            "context_sampler": self.context_sampler.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": rng_state(),
+        }
+
+    def _restore(self, path: Path) -> None:
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        try:
+            common, rank, same_layout = self.checkpointer.load(path, self.model)
+        except (KeyError, RuntimeError, ValueError, CheckpointingException, CheckpointException) as err:
+            raise ConfigError(
+                f"checkpoint {path} does not fit this model ({type(err).__name__}: {str(err).strip()[:500]}); "
+                "resume with the model config it was saved with, or set checkpoint.resume=never or another "
+                "checkpoint.dir"
+            ) from err
+        self.step = int(common["step"])
+        self.consecutive_skips = int(common["consecutive_skips"])
+        for key, value in common["summary"].items():
+            setattr(self.summary, key, value)
+        if not rank:
+            # Another data-parallel size: the saved streams belong to other ranks. Restart them from
+            # seeds that depend on the step, so that they do not replay the first batches.
+            from nemo_rlp.parallel.distributed import data_parallel_rank
+
+            seed = int(np.random.SeedSequence([self.cfg.trainer.seed, self.step, data_parallel_rank()])
+                       .generate_state(1)[0])
+            log.warning(
+                "checkpoint %s was saved with another data-parallel size: data streams restart from new seeds "
+                "(the data order differs from an uninterrupted run)", path,
+            )
+            self._seed_data_streams(seed % 2**62)
+            return
+        try:
+            self.ntp_batches.load_state_dict(rank["ntp_batches"])
+            self.context_sampler.load_state_dict(rank["context_sampler"])
+        except ValueError as err:
+            raise ConfigError(
+                f"checkpoint {path} was saved over other data: {err} (data.corpus / data.blend / data.format / "
+                "data.min_context must match the run that saved it)"
+            ) from err
+        self.generator.set_state(rank["generator"])
+        set_rng_state(rank["rng"], tracker=same_layout)
 
 
 def _show_thoughts(tokenizer: Tokenizer, batch, rewards: torch.Tensor, count: int) -> None:

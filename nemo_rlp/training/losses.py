@@ -68,11 +68,26 @@ class RLPLoss:
         logp_old = logp_new.detach() if self.logp_old is None else self.logp_old
         B, G = self.s_ema.shape[0], self.group_size
         shaped = lambda t: t.reshape(B, G, -1)  # noqa: E731
+        # Non-finite rewards (S_pred, S_ema) or thought log-probs make this microbatch's loss and
+        # metrics NaN, so that the optimizer step is skipped (training/policy.py) instead of the
+        # objective raising: the inputs are made finite for the objective, and the result poisoned.
+        # The metrics keep their names (data-parallel ranks reduce them by name). No host sync.
+        s_ema, logp_ref = self.s_ema, self.logp_ref
+        mask = self.thought_mask
+        finite = torch.stack([
+            torch.isfinite(s_pred).all(), torch.isfinite(s_ema).all(),
+            (torch.isfinite(logp_new.detach()) | ~mask).all(), (torch.isfinite(logp_old) | ~mask).all(),
+        ]).all()
+        poison = torch.where(finite, 1.0, float("nan")).to(logp_new.dtype)
+        s_pred, s_ema, logp_new, logp_old = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+                                              for t in (s_pred, s_ema, logp_new, logp_old))
         loss, metrics = rlp_loss(
-            shaped(logp_new), shaped(logp_old), shaped(self.thought_mask), s_pred.reshape(B, G), self.s_ema,
+            shaped(logp_new), shaped(logp_old), shaped(mask), s_pred.reshape(B, G), s_ema,
             self.eps_low, self.eps_high, kl_beta=self.kl_beta,
-            logp_ref=None if self.logp_ref is None else shaped(self.logp_ref),
+            logp_ref=None if logp_ref is None else shaped(logp_ref),
         )
+        loss = loss * poison
+        metrics = {k: v * poison for k, v in metrics.items()}
         units = B * G
         if self.sampler_logp is not None:
             gap = (logp_new.detach() - self.sampler_logp).abs().masked_fill(~self.thought_mask, 0.0)

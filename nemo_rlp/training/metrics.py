@@ -1,6 +1,8 @@
 """Metrics out: one JSON line per step, TensorBoard scalars, and a console line per step.
 
-Only the main rank writes. The console line always shows the five numbers that say whether RLP is
+Only the main rank writes. A resumed run (`resume_step`) first drops the records of steps at or after
+the checkpoint it resumed from (written by the interrupted invocation, which the resumed one repeats),
+so that the metrics file and TensorBoard hold one history. The console line always shows the five numbers that say whether RLP is
 healthy (DESIGN.md "known hazards"): NTP loss, mean reward, fraction of positive rewards, thought
 length and end-marker rate, carrying each forward from the last step that measured it.
 """
@@ -26,23 +28,34 @@ CONSOLE_FIELDS = (
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, metrics_file: str, tensorboard: bool, enabled: bool, total_steps: int):
+    def __init__(
+        self,
+        output_dir: Path,
+        metrics_file: str,
+        tensorboard: bool,
+        enabled: bool,
+        total_steps: int,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.latest: dict[str, float] = {}
         self.start = time.perf_counter()
+        self.first_step = resume_step or 0  # steps done before this invocation (for the eta)
         self._file = None
         self._tb = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = output_dir / metrics_file
+        if resume_step is not None and self.metrics_path.is_file():
+            _drop_records_from(self.metrics_path, resume_step)
         self._file = open(self.metrics_path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard_dir = output_dir / "tensorboard"
-            self._tb = SummaryWriter(log_dir=str(self.tensorboard_dir))
+            self._tb = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=resume_step)
 
     def log(self, step: int, kind: str, metrics: dict[str, float], step_seconds: float) -> None:
         if not self.enabled:
@@ -64,7 +77,7 @@ class MetricsLogger:
         ]
         elapsed = time.perf_counter() - self.start
         done = step + 1
-        eta = elapsed / done * (self.total_steps - done)
+        eta = elapsed / max(done - self.first_step, 1) * (self.total_steps - done)
         width = len(str(self.total_steps))
         return (
             f"step {done:>{width}}/{self.total_steps} [{kind:3}] " + " ".join(shown)
@@ -76,3 +89,17 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_records_from(path: Path, step: int) -> None:
+    """Rewrite the JSON-lines file at `path` without the records of steps >= `step` (atomically)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line torn by a kill mid-write
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

@@ -1,26 +1,47 @@
-"""The model wrapper: the trained policy (megatron DDP + optimizer) and its EMA teacher.
+"""The model wrapper: the trained policy (megatron DDP + optimizer + learning-rate schedule) and
+its EMA teacher.
 
 The teacher is a second model of the same architecture and the same sharding, held in fp32, whose
 parameters are the EMA φ. It is seeded from the policy lazily, at the first RLP batch (DESIGN.md
 section 1, step 9), and moved towards the policy after every optimizer step once seeded.
+
+An update is skipped, leaving the weights, the optimizer state, the schedule and the teacher as they
+were, when the step's loss or rewards or any gradient is not finite (megatron's fp32 and bf16
+optimizers do not check; its fp16 one does, through loss scaling). Every rank takes the same
+decision: the check is one all-reduce over all ranks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
+import torch
 
-from nemo_rlp.config import RunConfig
+from nemo_rlp.config import RunConfig, lr_decay_steps
 from nemo_rlp.ema import EMATeacher
 from nemo_rlp.models import build_model
 from nemo_rlp.models.handle import ModelHandle
 from nemo_rlp.parallel.distributed import ParallelLayout
+
+# Metrics that carry the loss and the rewards; a non-finite value among them skips the update.
+GUARDED_METRICS = ("ntp_loss", "loss", "kl", "reward", "s_pred", "s_ema", "adv")
 
 
 @dataclass
 class StepResult:
     updated: bool
     grad_norm: float
+    skip_reason: Optional[str] = None  # why the update was skipped (None: it was not)
+
+
+def nonfinite_metrics(metrics: dict | None) -> list[str]:
+    """The guarded metrics (loss, rewards) of `metrics` whose values are not finite."""
+    return [
+        f"{k}={v}" for k, v in sorted((metrics or {}).items())
+        if k.startswith(GUARDED_METRICS) and not math.isfinite(float(v))
+    ]
 
 
 class PolicyWithTeacher:
@@ -52,11 +73,32 @@ class PolicyWithTeacher:
                 adam_beta1=t.adam_beta1,
                 adam_beta2=t.adam_beta2,
                 adam_eps=t.adam_eps,
+                min_lr=t.min_lr,
                 clip_grad=t.clip_grad,
                 bf16=cfg.model.params_dtype == "bf16",
                 use_distributed_optimizer=False,
             ),
             [self.ddp],
+        )
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        # Counted in optimizer updates. The config's values win over a checkpoint's (override);
+        # a checkpoint restores only the progress, `num_steps`.
+        decay_steps = lr_decay_steps(cfg)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=t.lr_warmup_init,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_steps,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=t.lr_decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
         )
         teacher_model = build_model(cfg.model, vocab_size, tp, layout.device).float()
         self.ema = EMATeacher(teacher_model, decay=cfg.rlp.ema_decay)
@@ -71,12 +113,43 @@ class PolicyWithTeacher:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def optimizer_step(self) -> StepResult:
-        """Step the optimizer on the finalised gradients, then move the EMA."""
+    def optimizer_step(self, metrics: dict | None = None) -> StepResult:
+        """Step the optimizer on the finalised gradients, then the learning-rate schedule and the
+        EMA; or skip all three when `metrics` (the step's reduced loss and rewards) or the gradients
+        are not finite."""
+        reason = self._nonfinite(metrics)
+        if reason is not None:
+            return StepResult(updated=False, grad_norm=float("nan"), skip_reason=reason)
         updated, grad_norm, _ = self.optimizer.step()
-        if updated:
-            self.ema.update(self.language_model)
-        return StepResult(updated=bool(updated), grad_norm=float(grad_norm or 0.0))
+        if not updated:  # megatron's fp16 loss scaling found inf/nan in the gradients
+            return StepResult(updated=False, grad_norm=float("nan"), skip_reason="the optimizer found inf/nan")
+        self.scheduler.step(increment=1)
+        self.ema.update(self.language_model)
+        return StepResult(updated=True, grad_norm=float(grad_norm or 0.0))
+
+    @torch.no_grad()
+    def _nonfinite(self, metrics: dict | None) -> Optional[str]:
+        """Why this update must be skipped, the same answer on every rank; None if it must not."""
+        bad_metrics = nonfinite_metrics(metrics)
+        grads = [p.main_grad for p in self.language_model.parameters() if getattr(p, "main_grad", None) is not None]
+        squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+        if grads:
+            norms = torch._foreach_norm(grads)
+            squares = torch.stack([n.double() for n in norms]).square().sum()
+        # [ranks with bad metrics, sum of squared gradient norms]: inf/nan anywhere makes it non-finite.
+        flags = torch.stack([torch.tensor(float(bool(bad_metrics)), dtype=torch.float64, device=squares.device), squares])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flags)
+        flags = flags.cpu()
+        if flags[0] > 0:
+            return "non-finite " + (", ".join(bad_metrics) if bad_metrics else "loss or rewards on another rank")
+        if not math.isfinite(float(flags[1])):
+            return f"non-finite gradients (sum of squared norms {float(flags[1])})"
+        return None
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def parameters(self):
         return self.language_model.parameters()

@@ -111,10 +111,24 @@ def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor, micro_batch_size: i
     model.policy.train()
     model.zero_grad()
     outputs = run_schedule(model, losses)
-    result = model.optimizer_step()
     metrics = reduce_metrics(outputs)
+    result = model.optimizer_step(metrics)
     metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
+    _note_skip(metrics, result)
     return metrics
+
+
+def _note_skip(metrics: dict, result) -> None:
+    """A skipped update (non-finite loss, rewards or gradients) is counted in the metrics, and its
+    reason kept on the side (`SKIP_REASON`): metrics are numbers only."""
+    metrics["skipped_updates"] = metrics.get("skipped_updates", 0.0) + float(result.skip_reason is not None)
+    if result.skip_reason is not None:
+        metrics[SKIP_REASON] = result.skip_reason
+
+
+# The key under which a step's metrics carry why an update was skipped (a string: the loop pops it
+# before logging).
+SKIP_REASON = "_skip_reason"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,6 +209,7 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
 
     model.policy.train()
     all_metrics: list[dict] = []
+    reasons: list[str] = []
     for minibatch, (contexts_m, global_m) in enumerate(zip(context_splits, global_thoughts)):
         # The sampler check compares θ_old's values: only the first minibatch still runs at θ_old.
         check = minibatch == 0
@@ -214,14 +229,19 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
             )
         model.zero_grad()
         outputs = run_schedule(model, losses)
-        result = model.optimizer_step()
         step_metrics = reduce_metrics(outputs)
+        result = model.optimizer_step(step_metrics)
         step_metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
         all_metrics.append(step_metrics)
+        if result.skip_reason is not None:
+            reasons.append(f"minibatch {minibatch}: {result.skip_reason}" if cfg.num_minibatches > 1 else result.skip_reason)
     # The last minibatch's optimizer figures; other figures averaged (maxima: the max) over minibatches.
     out = {}
     for key in {k for m in all_metrics for k in m}:
         values = [m[key] for m in all_metrics if key in m]
         out[key] = float(max(values) if key.endswith("_max") else np.mean(values))
     out["grad_norm"], out["updated"] = all_metrics[-1]["grad_norm"], all_metrics[-1]["updated"]
+    out["skipped_updates"] = float(len(reasons))
+    if reasons:
+        out[SKIP_REASON] = "; ".join(reasons)
     return out

@@ -1,0 +1,516 @@
+"""Checkpoints: save, find the latest complete one, load (into the same or another TP/PP layout),
+keep the last k. Written through megatron-core's `dist_checkpointing`.
+
+A checkpoint directory (`checkpoint.dir`) holds one directory per saved step:
+
+    step_0000040/                 complete: renamed into place after everything below was written
+        dist/                     megatron-core dist_checkpointing (torch_dist): the policy
+                                  (`model.sharded_state_dict()`), the EMA teacher in fp32 (its own
+                                  sharded state dict, keys prefixed `ema_teacher.`), the optimizer
+                                  (`optimizer.sharded_state_dict(model)`: Adam moments and step),
+                                  and in its common part the learning-rate schedule, the EMA
+                                  counters and the trainer's counters
+        rank_state/rank00000.pt   one per rank (torch.save): data-iterator states, the rollout
+                                  generator, torch / numpy / python / megatron-tracker RNG states
+        config.json               the resolved config that saved it
+        complete.json             the completion marker, written last: step, layout, ranks
+    step_0000050.tmp/             a save in progress, or one a crash interrupted: never read
+
+Atomicity. Every save writes `step_XXXXXXX.tmp/` and renames it to `step_XXXXXXX/` only after all
+ranks have finished writing and `complete.json` is on disk (rename is atomic on POSIX file systems).
+A checkpoint is picked for resume only if its name has no suffix *and* its `complete.json` names its
+step: a crash at any moment leaves at worst a `.tmp` directory, which the next save deletes.
+
+Sharded tensors are saved with their global shapes and offsets, so a checkpoint saved under one
+TP x PP layout loads into another (megatron-core reshards on load). The per-rank state follows the
+data-parallel rank: in the same layout each rank reads its own file; in another layout with the same
+data-parallel size each rank reads the file of the first tensor/pipeline rank of its data-parallel
+rank (data iterators and the rollout generator are identical across a replica's ranks). When the
+data-parallel size changes, the data streams cannot continue where they were: they restart from
+seeds derived from the step, with a warning.
+
+`resume: auto` picks the latest complete checkpoint of `checkpoint.dir`. So that rerunning the same
+command finds it, the default directory does not depend on the Hydra run directory (which changes per
+invocation): it is `<logging.output_dir>/checkpoints` when `logging.output_dir` is set, and otherwise
+`outputs/checkpoints/<model.name>-<hash>` under the launch directory, the hash over the resolved
+config less the keys that may change between invocations of one run (`VOLATILE_KEYS`).
+
+Async save (`checkpoint.async_save`): the tensors are written by megatron-core's async machinery in
+a forked process while training continues; the marker and the rename run when every rank's write has
+finished (checked at each step boundary, and waited for before the next save and at the end).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from nemo_rlp.config import ConfigError, RunConfig, as_dict
+from nemo_rlp.parallel.distributed import ParallelLayout
+
+log = logging.getLogger("nemo_rlp")
+
+MARKER = "complete.json"
+CONFIG_FILE = "config.json"
+DIST_DIR = "dist"
+RANK_DIR = "rank_state"
+TMP_SUFFIX = ".tmp"
+TEACHER_PREFIX = "ema_teacher."
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+# Keys that may differ between invocations of the same run: they are left out of the default
+# directory's hash, and differences in them are not reported on resume.
+VOLATILE_KEYS = ("logging", "checkpoint", "parallel", "trainer.steps", "trainer.max_consecutive_skips")
+
+
+# ------------------------------------------------------------------------------------------------
+# Names and discovery
+# ------------------------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step of a *complete* checkpoint directory, else None (a `.tmp`, a directory without
+    its marker, or a marker that does not name this step)."""
+    path = Path(path)
+    match = _STEP_DIR.match(path.name)
+    if match is None or not path.is_dir():
+        return None
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    step = int(match[1])
+    return step if isinstance(marker, dict) and marker.get("step") == step else None
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint directly under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir()]
+    return sorted((s, p) for s, p in found if s is not None)
+
+
+def find_latest(root: Path) -> Optional[Path]:
+    """The latest complete checkpoint under `root`, or None."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """`path` itself if it is a complete checkpoint, else the latest complete one in it."""
+    path = Path(path)
+    if checkpoint_step(path) is not None:
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise ConfigError(
+            f"checkpoint.resume={str(path)!r} is not allowed: it is neither a complete checkpoint (a "
+            f"step_XXXXXXX directory with {MARKER}) nor a directory holding one"
+        )
+    return latest
+
+
+def keep_last(root: Path, k: int) -> list[Path]:
+    """Delete all but the newest `k` complete checkpoints under `root`; returns those deleted."""
+    doomed = [p for _, p in complete_checkpoints(root)[:-k]] if k > 0 else []
+    for path in doomed:
+        _remove_tree(path)
+    return doomed
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a checkpoint directory, first renaming it to `.tmp` so that a crash half-way through
+    the deletion never leaves a partial directory that looks complete."""
+    path = Path(path)
+    if not path.name.endswith(TMP_SUFFIX):
+        doomed = path.with_name(path.name + ".deleting" + TMP_SUFFIX)
+        os.replace(path, doomed)
+        path = doomed
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_id(cfg: RunConfig) -> str:
+    """`<model.name>-<hash>`: the same for every invocation of one run (see `VOLATILE_KEYS`)."""
+    stable = _without(as_dict(cfg), VOLATILE_KEYS)
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{cfg.model.name}-{digest}"
+
+
+def checkpoint_dir(cfg: RunConfig, output_dir: Path | None = None, cwd: Path | None = None) -> Path:
+    """Where this run's checkpoints live (module docstring): absolute, the same on every rank.
+    `output_dir`: a run directory that stays the same between invocations (default:
+    `logging.output_dir`), whose `checkpoints/` is then the default."""
+    output_dir = output_dir if output_dir is not None else cfg.logging.output_dir
+    if cfg.checkpoint.dir is not None:
+        path = Path(cfg.checkpoint.dir)
+    elif output_dir is not None:
+        path = Path(output_dir) / "checkpoints"
+    else:
+        path = Path("outputs") / "checkpoints" / run_id(cfg)
+    return path if path.is_absolute() else Path(cwd or Path.cwd()) / path
+
+
+def _without(tree: dict, dotted_keys: tuple[str, ...]) -> dict:
+    tree = copy.deepcopy(tree)
+    for dotted in dotted_keys:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return tree
+
+
+def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]:
+    """'key: saved -> current' for the non-volatile keys that differ."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix[:-1]}: {a!r} -> {b!r}")
+
+    walk(_without(saved, VOLATILE_KEYS), _without(current, VOLATILE_KEYS), "")
+    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG states
+# ------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a step may draw from, on this rank."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], tracker: bool = True) -> None:
+    """Restore `rng_state()`; `tracker=False` keeps the model-parallel tracker (layout-specific)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if tracker and state.get("tracker"):
+        get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tracker"].items()})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving and loading
+# ------------------------------------------------------------------------------------------------
+
+
+def _rank_coordinates(layout: ParallelLayout) -> dict[str, int]:
+    from megatron.core import parallel_state
+
+    return {
+        "rank": layout.rank,
+        "dp_rank": parallel_state.get_data_parallel_rank(),
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+    }
+
+
+def _layout_dict(layout: ParallelLayout) -> dict[str, int]:
+    return {
+        "world_size": layout.world_size,
+        "tensor_parallel": layout.tensor_parallel,
+        "pipeline_parallel": layout.pipeline_parallel,
+        "data_parallel": layout.data_parallel,
+    }
+
+
+def _model_sharded_state_dict(model, is_loading: bool) -> dict:
+    """The sharded state of the policy, the EMA teacher and the optimizer (megatron-core)."""
+    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+    policy = model.language_model.sharded_state_dict()
+    teacher = model.ema.teacher.sharded_state_dict()
+    add_prefix_for_sharding(teacher, TEACHER_PREFIX)
+    optimizer = model.optimizer.sharded_state_dict(policy, is_loading=is_loading)
+    return {"model": policy, "ema_teacher": teacher, "optimizer": optimizer}
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _gather(value: Any) -> list[Any]:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [value]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and loads the checkpoints of one run in `directory` (all ranks call every method)."""
+
+    def __init__(self, cfg: RunConfig, layout: ParallelLayout, directory: Path):
+        self.cfg = cfg
+        self.layout = layout
+        self.directory = Path(directory)
+        self.last_saved_step: Optional[int] = None
+        self.async_save = cfg.checkpoint.async_save
+        self._async_queue = None
+        # megatron-core's torch_dist writer hands its results back through a helper process that it
+        # starts at the first save. Started now, with the preemption signals ignored, it inherits
+        # SIG_IGN and survives the SIGTERM that Slurm sends to every process of the job step.
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        from nemo_rlp.training.preemption import signals_ignored
+
+        start_helper = getattr(filesystem_async, "_get_write_results_queue", None)
+        if start_helper is None:
+            log.warning("megatron-core's checkpoint writer changed (no _get_write_results_queue): a preemption "
+                        "signal sent to every process may kill its helper before the preemption save")
+        else:
+            with signals_ignored(cfg.checkpoint.signals):
+                start_helper()
+
+    # --------------------------------------------------------------------------------------------
+    # Which checkpoint to start from
+    # --------------------------------------------------------------------------------------------
+
+    def resume_path(self) -> Optional[Path]:
+        """The checkpoint this run starts from, by `checkpoint.resume` (rank 0 decides)."""
+        resume = self.cfg.checkpoint.resume
+        path = None
+        if self.layout.is_main:
+            own = find_latest(self.directory)
+            if resume == "never":
+                if own is not None:
+                    log.warning(
+                        "checkpoint.resume=never: not resuming from %s; saves to %s replace checkpoints of the "
+                        "same step", own, self.directory,
+                    )
+            elif resume == "auto":
+                path = own
+            elif own is not None:
+                log.info("checkpoint.resume=%s: this run already has checkpoints, continuing from %s", resume, own)
+                path = own
+            else:
+                path = resolve_checkpoint(Path(resume))
+        path = _broadcast(None if path is None else str(path))
+        return None if path is None else Path(path)
+
+    # --------------------------------------------------------------------------------------------
+    # Saving
+    # --------------------------------------------------------------------------------------------
+
+    def save(self, step: int, model, common: dict, rank_state: dict) -> Optional[Path]:
+        """Save `step`: the model, teacher and optimizer (sharded), the schedule and `common`
+        (identical on every rank), and this rank's `rank_state`. Returns the final path (complete
+        once this returns, or, with async save, once `poll`/`wait` finalise it)."""
+        if self.last_saved_step == step:
+            return None
+        self.wait()  # one save at a time
+        start = time.perf_counter()
+        final = self.directory / step_dir_name(step)
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        if self.layout.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(f"*{TMP_SUFFIX}"):
+                shutil.rmtree(stale, ignore_errors=True)
+            (tmp / DIST_DIR).mkdir(parents=True)
+            (tmp / RANK_DIR).mkdir()
+        _barrier()
+
+        coordinates = _rank_coordinates(self.layout)
+        torch.save(
+            {"coordinates": coordinates, "layout": _layout_dict(self.layout), **rank_state},
+            tmp / RANK_DIR / f"rank{self.layout.rank:05d}.pt",
+        )
+        ranks = _gather(coordinates)
+
+        from megatron.core import dist_checkpointing
+
+        state = _model_sharded_state_dict(model, is_loading=False)
+        state["scheduler"] = model.scheduler.state_dict()
+        state["ema"] = {"decay": model.ema.decay, "initialized": model.ema.initialized,
+                        "num_updates": model.ema.num_updates}
+        state["trainer"] = common
+        marker = {
+            "step": step,
+            "format": FORMAT_VERSION,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "layout": _layout_dict(self.layout),
+            "ranks": ranks,
+        }
+        finalize = lambda: self._finalize(tmp, final, marker, start)  # noqa: E731
+
+        if self._use_async():
+            request = dist_checkpointing.save(state, str(tmp / DIST_DIR), async_sharded_save=True)
+            request.finalize_fns.append(finalize)
+            self._queue().schedule_async_request(request)
+            self.last_saved_step = step
+            log.info("checkpoint: step %d being written to %s in the background", step, final)
+            return final
+        dist_checkpointing.save(state, str(tmp / DIST_DIR))
+        finalize()
+        self.last_saved_step = step
+        return final
+
+    def _finalize(self, tmp: Path, final: Path, marker: dict, start: float) -> None:
+        """Every rank has written its part: mark complete, rename into place, keep the last k."""
+        _barrier()
+        if self.layout.is_main:
+            for path in (tmp / DIST_DIR).rglob("*"):
+                if path.is_file():
+                    with open(path, "rb") as f:
+                        os.fsync(f.fileno())
+            _write_json(tmp / CONFIG_FILE, as_dict(self.cfg))
+            _write_json(tmp / MARKER, marker)
+            _fsync_dir(tmp)
+            if final.exists():  # resume=never over an older run's checkpoint of the same step
+                _remove_tree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            deleted = keep_last(self.directory, self.cfg.checkpoint.keep_last)
+            log.info(
+                "checkpoint: step %d saved to %s in %.1f s%s", marker["step"], final, time.perf_counter() - start,
+                f" (deleted {', '.join(p.name for p in deleted)})" if deleted else "",
+            )
+        _barrier()
+
+    def _use_async(self) -> bool:
+        return bool(self.async_save)
+
+    def _queue(self):
+        if self._async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_queue = AsyncCallsQueue()
+        return self._async_queue
+
+    def poll(self) -> None:
+        """Finalise a finished async save, without waiting (a collective: call on every rank)."""
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Wait for an async save in flight and finalise it."""
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        if self._async_queue is not None:
+            self.wait()
+            self._async_queue.close()
+            self._async_queue = None
+
+    # --------------------------------------------------------------------------------------------
+    # Loading
+    # --------------------------------------------------------------------------------------------
+
+    def load(self, path: Path, model) -> tuple[dict, dict, bool]:
+        """Load the checkpoint at `path` into `model` (policy, teacher, optimizer, schedule, EMA
+        counters). Returns (the common trainer state, this rank's state, whether the layout is the
+        saved one). The rank state is {} when the data-parallel size changed (module docstring)."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(path)
+        marker = json.loads((path / MARKER).read_text())
+        state = _model_sharded_state_dict(model, is_loading=True)
+        loaded = dist_checkpointing.load(state, str(path / DIST_DIR))
+        model.language_model.load_state_dict(loaded["model"])
+        model.ema.teacher.load_state_dict(loaded["ema_teacher"])
+        model.optimizer.load_state_dict(loaded["optimizer"])
+        model.scheduler.load_state_dict(loaded["scheduler"])
+        ema = loaded["ema"]
+        if ema["decay"] != model.ema.decay:
+            log.warning("rlp.ema_decay: the checkpoint used %s, this run uses %s", ema["decay"], model.ema.decay)
+        model.ema.initialized = bool(ema["initialized"])
+        model.ema.num_updates = int(ema["num_updates"])
+
+        saved_layout = marker["layout"]
+        same_layout = saved_layout == _layout_dict(self.layout)
+        me = _rank_coordinates(self.layout)
+        if same_layout:
+            source = me["rank"]
+        elif saved_layout["data_parallel"] == self.layout.data_parallel:
+            source = next(r["rank"] for r in marker["ranks"]
+                          if r["dp_rank"] == me["dp_rank"] and r["tp_rank"] == 0 and r["pp_rank"] == 0)
+        else:
+            source = None
+        rank_state: dict = {}
+        if source is not None:
+            rank_state = torch.load(path / RANK_DIR / f"rank{source:05d}.pt", weights_only=False)
+        if not same_layout and self.layout.is_main:
+            log.info(
+                "checkpoint %s was saved with TP=%d PP=%d DP=%d; loading into TP=%d PP=%d DP=%d",
+                path, saved_layout["tensor_parallel"], saved_layout["pipeline_parallel"],
+                saved_layout["data_parallel"], self.layout.tensor_parallel, self.layout.pipeline_parallel,
+                self.layout.data_parallel,
+            )
+        if self.layout.is_main and (path / CONFIG_FILE).is_file():
+            differences = config_differences(json.loads((path / CONFIG_FILE).read_text()), as_dict(self.cfg))
+            if differences:
+                log.warning("resuming with a config that differs from the checkpoint's:\n  %s",
+                            "\n  ".join(differences))
+        if path.parent.resolve() == self.directory.resolve():
+            self.last_saved_step = int(marker["step"])  # saving this step again would change nothing
+        return loaded["trainer"], rank_state, same_layout

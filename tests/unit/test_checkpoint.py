@@ -1,0 +1,314 @@
+"""Checkpoints, resume, preemption and the non-finite guard (nemo_rlp.training.checkpoint,
+preemption, policy, loop), in one process; the SIGKILL/TP tests are in tests/distributed/test_resume.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_rlp.config import ConfigError, load_config
+from nemo_rlp.training import checkpoint as ckpt
+from nemo_rlp.training import steps as steps_module
+from nemo_rlp.training.loop import Trainer, TrainingHalted
+from nemo_rlp.training.losses import NTPLoss
+from nemo_rlp.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+
+REPO = Path(__file__).resolve().parents[2]
+
+FAST = [
+    "rlp.group_size=3",
+    "rlp.max_thought_len=6",
+    "rlp.contexts_per_step=4",
+    "trainer.ntp_batch_size=4",
+    "data.ntp_seq_len=32",
+    "data.max_context=32",
+    "trainer.schedule.ntp_warmup_steps=1",
+    "logging.tensorboard=false",
+    "logging.show_thoughts=0",
+]
+COMPARED = ("ntp_loss", "reward_mean", "s_pred_mean", "s_ema_mean", "grad_norm", "thought_len_mean", "lr")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _fake_checkpoint(root: Path, name: str, marker_step: int | None) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    if marker_step is not None:
+        (path / ckpt.MARKER).write_text(json.dumps({"step": marker_step}))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Discovery, atomicity, keep-last-k, the default directory
+# --------------------------------------------------------------------------------------------------
+
+
+def test_only_complete_checkpoints_are_picked(tmp_path):
+    _fake_checkpoint(tmp_path, "step_0000002", 2)
+    _fake_checkpoint(tmp_path, "step_0000004", None)  # no marker: the save did not finish
+    _fake_checkpoint(tmp_path, "step_0000006.tmp", 6)  # marker written, rename never happened
+    _fake_checkpoint(tmp_path, "step_0000007.tmp", None)  # interrupted mid-write
+    _fake_checkpoint(tmp_path, "step_0000008", 3)  # a marker that names another step
+    (tmp_path / "step_0000009").write_text("not a directory")
+    _fake_checkpoint(tmp_path, "latest", 10)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2]
+    assert ckpt.find_latest(tmp_path) == tmp_path / "step_0000002"
+    assert ckpt.find_latest(tmp_path / "absent") is None
+    (tmp_path / "step_0000004" / ckpt.MARKER).write_text("{\"step\": 4")  # torn JSON
+    assert ckpt.find_latest(tmp_path) == tmp_path / "step_0000002"
+
+
+def test_keep_last_k_deletes_the_oldest_complete_ones_only(tmp_path):
+    for step in (1, 2, 3, 10, 20):
+        _fake_checkpoint(tmp_path, ckpt.step_dir_name(step), step)
+    _fake_checkpoint(tmp_path, "step_0000030.tmp", None)
+    deleted = ckpt.keep_last(tmp_path, 2)
+    assert [p.name for p in deleted] == ["step_0000001", "step_0000002", "step_0000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000010", "step_0000020", "step_0000030.tmp"]
+
+
+def test_resume_path_resolves_a_step_or_a_directory(tmp_path):
+    _fake_checkpoint(tmp_path, "step_0000002", 2)
+    _fake_checkpoint(tmp_path, "step_0000005", 5)
+    assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "step_0000005"
+    assert ckpt.resolve_checkpoint(tmp_path / "step_0000002") == tmp_path / "step_0000002"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume="):
+        ckpt.resolve_checkpoint(tmp_path / "empty")
+
+
+def test_default_directory_is_the_same_for_the_same_command(tmp_path):
+    base = load_config(["trainer.steps=5"])
+    # Keys that change between invocations of one run do not change the directory ...
+    same = load_config(["trainer.steps=50", "logging.log_every=5", "checkpoint.every_steps=7",
+                        "parallel.tensor_model_parallel_size=2"])
+    assert ckpt.run_id(base) == ckpt.run_id(same)
+    assert ckpt.run_id(base).startswith("tiny_hybrid-")
+    # ... a change to what is trained does.
+    assert ckpt.run_id(base) != ckpt.run_id(load_config(["rlp.group_size=8"]))
+    assert ckpt.checkpoint_dir(base, cwd=tmp_path) == tmp_path / "outputs" / "checkpoints" / ckpt.run_id(base)
+    assert ckpt.checkpoint_dir(load_config([f"logging.output_dir={tmp_path}/run"])) == tmp_path / "run" / "checkpoints"
+    explicit = load_config([f"logging.output_dir={tmp_path}/run", f"checkpoint.dir={tmp_path}/ck"])
+    assert ckpt.checkpoint_dir(explicit) == tmp_path / "ck"
+
+
+# --------------------------------------------------------------------------------------------------
+# Save and resume in one process
+# --------------------------------------------------------------------------------------------------
+
+
+def test_resume_auto_continues_exactly_and_metrics_hold_one_history(tmp_path):
+    overrides = FAST + ["checkpoint.every_steps=2", "trainer.lr_decay_style=cosine", "trainer.lr_warmup_steps=2"]
+    reference = Trainer(load_config(overrides + ["trainer.steps=6"]), tmp_path / "reference").train()
+    assert reference.steps == 6
+    ref = _records(tmp_path / "reference" / "metrics.jsonl")
+
+    out = tmp_path / "run"
+    first = Trainer(load_config(overrides + ["trainer.steps=6"]), out)
+    first.train_step()
+    first.train_step()
+    first.save()  # step 2
+    first.train_step()
+    first.train_step()
+    first.save()  # step 4
+    # A save that crashed after writing everything but before its rename: never picked.
+    real_replace = os.replace
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash before the rename")))
+        first.train_step()
+        with pytest.raises(OSError, match="crash before the rename"):
+            first.save()  # step 5
+    assert os.replace is real_replace
+    assert (out / "checkpoints" / "step_0000005.tmp" / ckpt.MARKER).is_file()
+    assert ckpt.find_latest(out / "checkpoints") == out / "checkpoints" / "step_0000004"
+    # The interrupted invocation had logged steps past its last checkpoint.
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ref[:5]) + '{"step": 5, "kin')
+
+    resumed = Trainer(load_config(overrides + ["trainer.steps=6"]), out)
+    assert resumed.resumed_from == out / "checkpoints" / "step_0000004" and resumed.step == 4
+    assert resumed.model.scheduler.num_steps == 4 and resumed.model.ema.num_updates == 2
+    summary = resumed.train()
+    assert summary.steps == 6 and summary.ntp_steps == reference.ntp_steps
+    got = _records(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(6))
+    for r, g in zip(ref, got):
+        assert {k: r[k] for k in COMPARED if k in r} == {k: g[k] for k in COMPARED if k in r}, r["step"]
+    # The stale .tmp went with the next save; keep_last=2 keeps steps 4 and 6 ... of this run.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    saved_config = json.loads((out / "checkpoints" / "step_0000006" / ckpt.CONFIG_FILE).read_text())
+    assert saved_config["trainer"]["lr_decay_style"] == "cosine"
+
+
+def test_resume_never_starts_fresh_and_a_finished_run_does_nothing(tmp_path):
+    cfg = load_config(FAST + ["trainer.steps=2"])
+    Trainer(cfg, tmp_path).train()
+    again = Trainer(cfg, tmp_path)
+    assert again.step == 2
+    assert again.train().steps == 2  # nothing left to do
+    fresh = Trainer(load_config(FAST + ["trainer.steps=2", "checkpoint.resume=never"]), tmp_path)
+    assert fresh.step == 0 and fresh.resumed_from is None
+
+
+def test_a_checkpoint_of_another_model_is_rejected_clearly(tmp_path):
+    Trainer(load_config(FAST + ["trainer.steps=1"]), tmp_path / "a").train()
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        Trainer(load_config(FAST + ["trainer.steps=1", "model=tiny_gpt",
+                                    f"checkpoint.resume={tmp_path / 'a' / 'checkpoints'}"]), tmp_path / "b")
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption in one process
+# --------------------------------------------------------------------------------------------------
+
+
+def test_preemption_handler_records_the_signal_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionHandler(["SIGUSR1"]) as handler:
+        assert not handler.requested()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.requested() and handler.received == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_signal_saves_at_the_next_step_boundary_and_stops(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(FAST + ["trainer.steps=50", "checkpoint.every_steps=0"]), tmp_path)
+    real_step = trainer.train_step
+
+    def step_then_signal():
+        out = real_step()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    summary = trainer.train()
+    assert summary.preempted == "SIGUSR1" and summary.steps == 3
+    assert ckpt.find_latest(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step_0000003"
+
+
+def test_sigterm_to_the_job_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
+    """SIGTERM to every process of the run, as Slurm sends it; then the same command, from the same
+    directory and with no output directory given, finds the checkpoint and finishes the run."""
+    command = [sys.executable, "-m", "nemo_rlp.train", *FAST, "trainer.steps=16", "checkpoint.every_steps=0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"step +1/16 ", line):
+                os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(lines)
+    assert rc == REQUEUE_EXIT_CODE, log[-3000:]
+    assert "received SIGTERM" in log and "checkpoint: step" in log
+    (root,) = (tmp_path / "outputs" / "checkpoints").iterdir()
+    (saved,) = ckpt.complete_checkpoints(root)
+    assert 1 <= saved[0] < 16
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    assert f"resumed from {saved[1]} at step {saved[0]}" in log
+    assert ckpt.find_latest(root) == root / "step_0000016"
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite loss, rewards and gradients
+# --------------------------------------------------------------------------------------------------
+
+
+def _state(trainer: Trainer) -> tuple[dict, dict, int, int]:
+    params = {n: p.detach().clone() for n, p in trainer.model.language_model.named_parameters()}
+    teacher = {n: p.detach().clone() for n, p in trainer.model.ema.teacher.named_parameters()}
+    adam_steps = [int(s["step"]) for s in trainer.model.optimizer.optimizer.state.values() if "step" in s]
+    return params, teacher, trainer.model.scheduler.num_steps, max(adam_steps, default=0)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_loss_skips_the_update_and_stops_after_n_in_a_row(tmp_path, monkeypatch):
+    cfg = load_config(FAST + ["trainer.steps=20", "trainer.schedule.rlp_per_cycle=0", "trainer.max_consecutive_skips=3"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.train_step()
+    before = _state(trainer)
+    real_call = NTPLoss.__call__
+
+    def nan_loss(self, logprobs):
+        share, metrics, units = real_call(self, logprobs)
+        return share * float("nan"), {k: v * float("nan") for k, v in metrics.items()}, units
+
+    monkeypatch.setattr(NTPLoss, "__call__", nan_loss)
+    for expected in (1, 2):
+        _kind, metrics = trainer.train_step()
+        assert metrics["updated"] == 0.0 and metrics["skipped_updates"] == 1.0
+        assert trainer.consecutive_skips == expected
+    after = _state(trainer)
+    assert _same(before[0], after[0]) and _same(before[1], after[1]) and before[2:] == after[2:]
+    # A good step in between resets the count.
+    monkeypatch.setattr(NTPLoss, "__call__", real_call)
+    _, metrics = trainer.train_step()
+    assert metrics["updated"] == 1.0 and trainer.consecutive_skips == 0
+    monkeypatch.setattr(NTPLoss, "__call__", nan_loss)
+    trainer.train_step()
+    trainer.train_step()
+    with pytest.raises(TrainingHalted) as err:
+        trainer.train_step()
+    message = str(err.value)
+    assert "3 consecutive steps" in message and "trainer.max_consecutive_skips=3" in message
+    assert "ntp_loss=nan" in message
+    assert trainer.summary.skipped_steps == 5
+
+
+def test_nonfinite_gradients_skip_the_update(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(FAST + ["trainer.steps=20"]), tmp_path)
+    before = _state(trainer)
+    real_schedule = steps_module.run_schedule
+
+    def poisoned(model, losses, forward_only=False):
+        out = real_schedule(model, losses, forward_only)
+        if not forward_only:
+            next(model.language_model.parameters()).main_grad.view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(steps_module, "run_schedule", poisoned)
+    kind, metrics = trainer.train_step()
+    assert kind == "ntp" and metrics["updated"] == 0.0 and metrics["ntp_loss"] == metrics["ntp_loss"]
+    assert _same(before[0], _state(trainer)[0])
+    assert trainer.consecutive_skips == 1
+
+
+def test_nonfinite_rewards_skip_the_rlp_update_and_the_ema(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(FAST + ["trainer.steps=20", "trainer.schedule.ntp_warmup_steps=0",
+                                          "trainer.schedule.ntp_per_cycle=0"]), tmp_path)
+    real_contexts = steps_module.sample_contexts
+
+    def nan_teacher(*args, **kwargs):
+        contexts, s_ema = real_contexts(*args, **kwargs)
+        return contexts, s_ema * float("nan")
+
+    monkeypatch.setattr(steps_module, "sample_contexts", nan_teacher)
+    trainer.model.seed_teacher()
+    before = _state(trainer)
+    kind, metrics = trainer.train_step()
+    assert kind == "rlp" and metrics["updated"] == 0.0 and metrics["reward_mean"] != metrics["reward_mean"]
+    after = _state(trainer)
+    assert _same(before[0], after[0]) and _same(before[1], after[1])
+    assert trainer.model.ema.num_updates == 0
