@@ -1,0 +1,676 @@
+"""Plan an at-scale run on paper: parameters, memory per GPU, tokens and FLOPs per step, and the token
+budget of a compute-matched continued-pretraining (CPT) baseline. `python -m nemo_rlp.plan` prints it.
+
+Everything here is arithmetic over a validated `RunConfig`, except one thing: the parameters are
+counted on the real megatron-core model, built by the project's own providers on the meta device
+(no memory, no GPU, about a second). The memory model follows what the code does today; where the
+code holds a whole batch at once, so does the model. Byte counts below are per GPU.
+
+Notation: P parameters on this GPU (its tensor-parallel shard of its pipeline stage's layers), TP/PP/DP
+the layout, B contexts per RLP step (`rlp.contexts_per_step`), b = ceil(B / DP) contexts per
+data-parallel rank, G thoughts per context, L the thought length, c = `data.max_context`,
+R = b * G rollout rows, V the padded vocabulary, h the hidden size. Worst cases are planned: every
+context has c tokens and every thought runs to L, because the rows of one batch are as wide as the
+widest of them, so one long thought makes the whole batch pay.
+
+Static (held the whole run; `nemo_rlp.training.policy`):
+- weights: P * 2 bytes (bf16 `model.params_dtype`; 4 for fp32).
+- EMA teacher: P * 4. φ is a second model of the same sharding kept in fp32 by design (a bf16 EMA at
+  τ = 0.999 would round most updates away; `nemo_rlp.ema`).
+- gradients: P * 4. megatron's DDP keeps fp32 main grads (`grad_reduce_in_fp32=True`).
+- optimizer: P * 12 / S: megatron's mixed-precision Adam keeps an fp32 master copy and the two fp32
+  moments (8 bytes with fp32 weights, which need no master copy). S = DP with the distributed
+  optimizer, which shards this state over data-parallel ranks, else 1. The trainer builds the
+  optimizer with `use_distributed_optimizer=False` today, so S = 1 unless the what-if asks for it.
+
+Phases (transient; the peak is static + the largest phase + `reserve_gib` for the CUDA context, NCCL
+buffers, Transformer Engine workspaces and allocator fragmentation):
+1. teacher scoring (S_ema; `nemo_rlp.data.sampling.teacher_scorer`, all windows of a rank in one
+   forward): ceil(b / `data.positions_per_document`) windows of c + 1 tokens through the fp32
+   teacher; its logits [rows, c+1, V/TP] fp32 plus the transposed copy the log-prob takes (8 bytes per
+   entry), and one layer's fp32 working set (the inference working set below, doubled).
+2. rollout (`nemo_rlp.rollout.sampler`, all R rows of a rank at once; megatron's static inference
+   context allocates for all of them up front):
+   - KV cache per attention layer: 2 * R * (c + L + 2) * (kv_heads / TP) * head_dim * 2 bytes;
+   - Mamba state per Mamba layer and row: conv (conv_dim / TP) * d_conv + SSM (heads / TP) * head_dim
+     * d_state, in the weights' dtype; conv_dim = heads * head_dim + 2 * groups * d_state;
+   - one layer's cache copied while rows are selected (`ModelHandle.select_cache_rows`);
+   - sampling buffers: R * V * 24 bytes. Every tensor-parallel rank holds the full-vocabulary fp32
+     logits of every live row, and a sampling step makes about six such buffers (the logits, the rows
+     that think, the exponential noise, the scaled logits, the probabilities, their ratio to the noise);
+   - prefill working set: b * (c + 1) tokens (one prefill per context, `shared_prefill`; R * (c + 1) in
+     `cache` mode; R * (c + L + 2) per step and no cache in `recompute` mode) times the per-token
+     inference working set: 3 * h * 2 bytes of hidden states plus the widest layer's intermediates
+     (Mamba: in_proj output, conv output, scan output and fp32 chunk states; attention: QKV and the
+     attention output; MLP: fc1 and activation outputs), all / TP except the hidden states.
+   The prefill and the sampling buffers do not coexist: cache + max(prefill, sampling + copy).
+3. RLP training (`nemo_rlp.training.steps.rlp_update`): a microbatch of G * `rlp.micro_batch_contexts`
+   rows (all b contexts when 0) of c + L + 2 input tokens. No activation recomputation and no sequence
+   parallelism (the providers enable neither), so every layer keeps what its backward needs. Rough
+   bytes per token (bf16, Transformer Engine layers, flash attention, dropout 0):
+   - every layer: its input and its normalised input, 2 * h * 2 (replicated over TP);
+   - attention: QKV output, q/k norm inputs when `qk_layernorm`, and flash attention's q, k, v and
+     output: 2 * ((q + 2kv) + (q + kv if qk_layernorm) + (2q + 2kv)) / TP with q = heads * head_dim,
+     kv = kv_heads * head_dim;
+   - MLP: fc1 output and activation output: 2 * (F * (2 if gated else 1) + F) / TP;
+   - Mamba: in_proj output (2 * d_inner + 2 * groups * d_state + heads), conv output (d_inner + 2 *
+     groups * d_state), scan output and gated-norm output (2 * d_inner), all * 2 / TP, plus dt and its
+     cumulative sum in fp32, 8 * heads / TP;
+   - GPT layers are an attention and an MLP half; the final norm and the output layer keep 2 * h * 2.
+   The loss adds the logits over every position (context included): [tokens, V/TP] in bf16, cast to
+   fp32 and transposed into a contiguous fp32 copy that the cross-entropy keeps as its softmax: 10 bytes
+   per entry at the forward peak. Under pipeline parallelism the first stage holds min(PP, microbatches)
+   microbatches in flight (1F1B).
+4. NTP training: the same model with `trainer.ntp_micro_batch_size` rows (the whole per-rank batch when
+   0) of `data.ntp_seq_len` tokens.
+
+FLOPs: 6 * N per trained token, 2 * N per token that is only run forward (teacher scoring, rollout
+prefill and decoding), N the parameters that multiply (all but the input embedding when it is not tied
+to the output layer). The quadratic attention term is left out; at c + L = 4096 tokens it adds about
+4 * s * heads * head_dim FLOPs per attention layer and token.
+
+What-ifs (`WhatIf`, `--what-if` on the command line): a few changes the trainer does not make today
+(the distributed optimizer; rollouts, teacher scoring or RLP training microbatches in smaller pieces)
+can be planned to see what they would buy. A plan with any of them says so in its header; the
+defaults are today's code, and the Slurm dry run plans today's code.
+
+CPT baseline (DESIGN.md section 1): a continued-pretraining run that sees as many tokens as RLP spends,
+T_flop = n * l_seq * bs * iters + T_inp, with n = G thoughts per context, l_seq = L tokens per thought,
+bs = B contexts per step, iters = RLP steps, and T_inp the input tokens the run reads: the contexts
+(B * c per RLP step, an upper bound) and the interleaved NTP batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nemo_rlp.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+
+GiB = float(2**30)
+
+# Published sizes of the named at-scale models (see tests/unit/test_model_sizes.py for the sources).
+PUBLISHED_PARAMETERS = {
+    "nemotron_nano_12b_v2": 12.31e9,
+    # Published as "1.7B"; its HF config gives 1.7206e9 with tied embeddings: 3 significant digits.
+    "qwen3_1p7b": 1.72e9,
+}
+
+# Mamba mixer parameters that megatron-core sizes per tensor-parallel rank without marking them
+# `tensor_model_parallel` (mamba_mixer.py in megatron-core 0.16.1).
+_MIXER_TP_LOCAL = ("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.conv1d.bias",
+                   "mixer.norm.weight")
+
+SAMPLING_BYTES_PER_ROW_AND_VOCAB = 24  # about six fp32 [rows, V] buffers per sampling step
+LOGIT_BYTES_TRAIN = 10  # bf16 logits + fp32 cast + fp32 transposed copy (kept as the softmax)
+LOGIT_BYTES_TEACHER = 8  # fp32 logits + fp32 transposed copy
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    kind: str  # 'M' Mamba, '*' attention, '-' MLP (hybrid); 'T' a GPT transformer layer
+    total: int
+    tp_sharded: int  # the part split over tensor-parallel ranks; the rest is replicated
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """The model's parameters as built by `nemo_rlp.models.build_model` (TP=1, meta device)."""
+
+    total: int
+    vocab_size: int
+    embedding: int  # input word embeddings (vocab-parallel)
+    output_layer: int  # the untied output layer; 0 when tied to the embedding
+    other_first: int  # replicated parameters of the first stage outside layers (e.g. position table)
+    final_norm: int
+    layers: tuple[LayerParams, ...]
+
+    def per_gpu(self, tp: int, pp: int, stage: int, tied: bool) -> int:
+        """Parameters one GPU holds: its TP shard of stage `stage`'s layers and embeddings."""
+        per_stage = len(self.layers) // pp
+        layers = self.layers[stage * per_stage : (stage + 1) * per_stage]
+        count = sum(lp.tp_sharded // tp + (lp.total - lp.tp_sharded) for lp in layers)
+        if stage == 0:
+            count += self.embedding // tp + self.other_first
+        if stage == pp - 1:
+            count += self.final_norm + self.output_layer // tp
+            if tied and pp > 1:  # the last stage keeps its own copy of the tied embedding
+                count += self.embedding // tp
+        return count
+
+    @property
+    def matmul(self) -> int:
+        """Parameters that multiply per token: all but an input embedding not tied to the output."""
+        return self.total - (self.embedding if self.output_layer else 0)
+
+
+def layer_kinds(m: ModelConfig) -> str:
+    return m.hybrid_override_pattern if m.arch == "hybrid" else "T" * m.num_layers
+
+
+def count_parameters(m: ModelConfig, vocab_size: int) -> ParameterCounts:
+    """Build the model on the meta device at TP=1 and count its parameters by role."""
+    import torch
+    from megatron.core import parallel_state
+
+    from nemo_rlp.models import build_model
+    from nemo_rlp.parallel import distributed
+
+    started = not parallel_state.model_parallel_is_initialized()
+    if started:
+        distributed.initialize(ParallelConfig(), seed=0)
+    elif (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (1, 1):
+        raise RuntimeError("count_parameters needs megatron's parallel state at TP=1, PP=1 (or none)")
+    try:
+        with torch.device("meta"):
+            model = build_model(m, vocab_size, 1, torch.device("meta"))
+        kinds = layer_kinds(m)
+        layers = [[0, 0] for _ in kinds]
+        embedding = output = other = final_norm = 0
+        for name, p in model.named_parameters():
+            n = p.numel()
+            if name.startswith("decoder.layers."):
+                index = int(name.split(".")[2])
+                sharded = getattr(p, "tensor_model_parallel", False) or name.endswith(_MIXER_TP_LOCAL)
+                layers[index][0] += n
+                layers[index][1] += n if sharded else 0
+            elif name == "embedding.word_embeddings.weight":
+                embedding += n
+            elif name.startswith("embedding."):
+                other += n
+            elif name.startswith("output_layer."):
+                output += n
+            elif name.startswith("decoder."):
+                final_norm += n
+            else:
+                raise RuntimeError(f"count_parameters: unexpected parameter {name}")
+        total = sum(p.numel() for p in model.parameters())
+        del model
+    finally:
+        if started:
+            distributed.destroy()
+    return ParameterCounts(
+        total=total, vocab_size=vocab_size, embedding=embedding, output_layer=output, other_first=other,
+        final_norm=final_norm,
+        layers=tuple(LayerParams(kind, t, s) for kind, (t, s) in zip(kinds, layers)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-token byte counts of the memory model (module docstring)
+# ------------------------------------------------------------------------------------------------
+
+
+def _dims(m: ModelConfig) -> dict:
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    heads = m.mamba_num_heads or (2 * m.hidden_size // m.mamba_head_dim)
+    d_inner = heads * m.mamba_head_dim
+    return dict(
+        h=m.hidden_size,
+        q=m.num_attention_heads * head_dim,
+        kv=(m.num_query_groups or m.num_attention_heads) * head_dim,
+        head_dim=head_dim,
+        kv_heads=m.num_query_groups or m.num_attention_heads,
+        ffn=m.ffn_hidden_size or 4 * m.hidden_size,
+        m_heads=heads,
+        d_inner=d_inner,
+        gn=m.mamba_num_groups * m.mamba_state_dim,
+        conv_dim=d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim,
+        ssm_per_row=heads * m.mamba_head_dim * m.mamba_state_dim,
+    )
+
+
+def training_bytes_per_token(kind: str, m: ModelConfig, tp: int) -> float:
+    """Activation bytes one layer keeps for its backward, per token (bf16, no recompute, no SP)."""
+    d = _dims(m)
+    norm = 2 * d["h"] * 2  # layer input + normalised input, replicated over TP
+    if kind == "*":
+        qk_norm = (d["q"] + d["kv"]) if m.qk_layernorm else 0
+        return norm + 2 * ((d["q"] + 2 * d["kv"]) + qk_norm + (2 * d["q"] + 2 * d["kv"])) / tp
+    if kind == "-":
+        fc1 = d["ffn"] * (2 if m.gated_linear_unit else 1)
+        return norm + 2 * (fc1 + d["ffn"]) / tp
+    if kind == "M":
+        in_proj = 2 * d["d_inner"] + 2 * d["gn"] + d["m_heads"]
+        return norm + 2 * (in_proj + d["conv_dim"] + 2 * d["d_inner"]) / tp + 8 * d["m_heads"] / tp
+    if kind == "T":
+        return training_bytes_per_token("*", m, tp) + training_bytes_per_token("-", m, tp)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def inference_bytes_per_token(m: ModelConfig, tp: int, kinds: str, dtype_bytes: int = 2) -> float:
+    """The working set of a forward without gradients, per token: hidden states plus the widest
+    layer's intermediates (one layer at a time)."""
+    d = _dims(m)
+    widest = 0.0
+    for kind in set(kinds):
+        if kind in "*T":
+            widest = max(widest, (d["q"] + 2 * d["kv"] + d["q"]) / tp)
+        if kind in "-T":
+            widest = max(widest, (d["ffn"] * (2 if m.gated_linear_unit else 1) + d["ffn"]) / tp)
+        if kind == "M":
+            in_proj = 2 * d["d_inner"] + 2 * d["gn"] + d["m_heads"]
+            # fp32 chunk states of the SSD scan, one per chunk of `mamba_chunk_size` tokens
+            states = d["ssm_per_row"] * 4 / dtype_bytes / m.mamba_chunk_size
+            widest = max(widest, (in_proj + d["conv_dim"] + 2 * d["d_inner"] + states) / tp)
+    return dtype_bytes * (3 * d["h"] + widest)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hardware:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    reserve_gib: float = 6.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """Changes the trainer does not make today, to see what they would buy. The defaults are today's
+    behaviour; a plan with any of them set says so in its header."""
+
+    distributed_optimizer: bool = False  # shard the fp32 master copy and Adam moments over DP
+    rollout_chunk_contexts: Optional[int] = None  # roll out this many contexts at a time (None: all)
+    # RLP training microbatches of this many rows, with S_pred and the advantages computed before
+    # (None: G * rlp.micro_batch_contexts rows, as the loss needs every thought of a group today)
+    train_microbatch_rows: Optional[int] = None
+    teacher_rows: Optional[int] = None  # teacher-scoring forwards of at most this many windows
+
+    def active(self) -> list[str]:
+        out = ["distributed optimizer"] if self.distributed_optimizer else []
+        for key in ("rollout_chunk_contexts", "train_microbatch_rows", "teacher_rows"):
+            value = getattr(self, key)
+            if value is not None:
+                if value < 1:
+                    raise ConfigError(f"what-if {key}={value} is not allowed: an integer >= 1")
+                out.append(f"{key}={value}")
+        return out
+
+
+@dataclass
+class Phase:
+    name: str
+    items: list[tuple[str, float]]  # (what, bytes)
+    note: str = ""
+    hint: str = ""
+
+    @property
+    def bytes(self) -> float:
+        return sum(b for _, b in self.items)
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    params: int
+    static: list[tuple[str, float]]
+    phases: list[Phase]
+    reserve: float
+
+    @property
+    def static_bytes(self) -> float:
+        return sum(b for _, b in self.static)
+
+    @property
+    def largest_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: p.bytes)
+
+    @property
+    def peak(self) -> float:
+        return self.static_bytes + self.largest_phase.bytes + self.reserve
+
+
+@dataclass
+class Plan:
+    experiment: str
+    cfg: RunConfig
+    hardware: Hardware
+    counts: ParameterCounts
+    what_if: WhatIf
+    tp: int
+    pp: int
+    dp: int
+    contexts_per_rank: int
+    stages: list[StageMemory]
+    tokens: dict[str, float] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)
+    run: dict[str, float] = field(default_factory=dict)
+    # Set by `make_plan` when the layout does not fit: the smallest node count at which it would
+    # (same TP/PP), or None when no data-parallel size helps.
+    fits_from_nodes: Optional[int] = None
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.peak <= self.hardware.gpu_memory_gib * GiB
+
+    @property
+    def published(self) -> Optional[float]:
+        return PUBLISHED_PARAMETERS.get(self.cfg.model.name)
+
+    def table(self) -> str:
+        return format_plan(self)
+
+    def refusal(self) -> str:
+        """Why the layout does not fit and what shrinks it; empty when it fits."""
+        if self.fits:
+            return ""
+        worst = self.worst
+        phase = worst.largest_phase
+        top = sorted(worst.static + phase.items, key=lambda item: -item[1])[:3]
+        where = f" on pipeline stage {worst.stage}" if self.pp > 1 else ""
+        return (
+            f"layout does not fit: {worst.peak / GiB:.1f} GiB per GPU{where} during {phase.name} > "
+            f"{self.hardware.gpu_memory_gib:g} GiB (--gpu-memory-gib). Largest items: "
+            + ", ".join(f"{name} {b / GiB:.1f} GiB" for name, b in top)
+            + f". {phase.hint} "
+            + (
+                f"With TP={self.tp} PP={self.pp} it fits from {self.fits_from_nodes} nodes (--nodes / sbatch --nodes)."
+                if self.fits_from_nodes
+                else f"No node count fits TP={self.tp} PP={self.pp}: this phase does not shrink with more "
+                "data-parallel replicas."
+            )
+        )
+
+
+def make_plan(
+    cfg: RunConfig,
+    hardware: Hardware,
+    counts: ParameterCounts,
+    experiment: str = "",
+    what_if: WhatIf = WhatIf(),
+    search_nodes: bool = True,
+) -> Plan:
+    """The plan of `cfg` on `hardware`; `counts` from `count_parameters` (at the layout's vocabulary).
+    When it does not fit and `search_nodes`, also finds the smallest node count that would."""
+    what_if.active()  # validates
+    m, r, d, t, p = cfg.model, cfg.rlp, cfg.data, cfg.trainer, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    from nemo_rlp.parallel.distributed import check_layout
+
+    dp = check_layout(p, hardware.world_size)
+    for key, total in (("rlp.contexts_per_step", r.contexts_per_step), ("trainer.ntp_batch_size", t.ntp_batch_size)):
+        if total < dp:
+            raise ConfigError(f"{key}={total} is smaller than the data-parallel size {dp}: every rank needs one")
+    b = -(-r.contexts_per_step // dp)
+    G, L, c = r.group_size, r.max_thought_len, d.max_context
+    V = counts.vocab_size
+    dims = _dims(m)
+    kinds = layer_kinds(m)
+    per_stage = len(kinds) // pp
+    w_bytes = 2 if m.params_dtype == "bf16" else 4
+    tied = m.share_embeddings_and_output_weights
+
+    positions = c + 1 + L + 1  # the sampler's cache length: prompt (context + <think>), L thoughts, </think>
+    width = c + L + 2  # training inputs: row (context, <think>, thought, </think>, x_t) minus the last token
+    mb_contexts = r.micro_batch_contexts or b
+    ntp_rank = -(-t.ntp_batch_size // dp)
+    ntp_rows = t.ntp_micro_batch_size or ntp_rank
+    ntp_micro = -(-ntp_rank // ntp_rows)
+    windows = -(-b // d.positions_per_document)
+    if what_if.teacher_rows:
+        windows = min(windows, what_if.teacher_rows)
+    roll_contexts = min(b, what_if.rollout_chunk_contexts or b)
+    R = roll_contexts * G  # rollout rows at once
+    train_rows = what_if.train_microbatch_rows or mb_contexts * G
+    train_micro = -(-b * G // train_rows)
+
+    stages = []
+    for s in range(pp):
+        stage_kinds = kinds[s * per_stage : (s + 1) * per_stage]
+        last = s == pp - 1
+        n_attn = sum(k in "*T" for k in stage_kinds)
+        n_mamba = stage_kinds.count("M")
+        params = counts.per_gpu(tp, pp, s, tied)
+        opt_bytes = 12 if m.params_dtype == "bf16" else 8
+        shards = dp if what_if.distributed_optimizer else 1
+        static = [
+            (f"weights ({m.params_dtype})", params * w_bytes),
+            ("EMA teacher (fp32)", params * 4.0),
+            ("gradients (fp32 main grads)", params * 4.0),
+            (
+                f"optimizer (fp32 master + Adam m, v; {'sharded over DP=' + str(dp) if what_if.distributed_optimizer else 'not sharded'})",
+                params * opt_bytes / shards,
+            ),
+        ]
+
+        # 1. teacher scoring
+        teacher_tokens = windows * (c + 1)
+        teacher = Phase(
+            "teacher scoring (S_ema)",
+            [("teacher working set (fp32)", teacher_tokens * inference_bytes_per_token(m, tp, stage_kinds, 4))]
+            + ([("teacher logits (fp32)", teacher_tokens * V / tp * LOGIT_BYTES_TEACHER)] if last else []),
+            note=f"{windows} windows x {c + 1} tokens per forward",
+            hint="Fewer windows per forward: more data-parallel replicas (sbatch --nodes) or a larger "
+            "data.positions_per_document.",
+        )
+
+        # 2. rollout
+        kv_layer = 2 * R * positions * (dims["kv_heads"] // tp) * dims["head_dim"] * w_bytes
+        ssm_layer = R * ((dims["conv_dim"] // tp) * 4 + dims["ssm_per_row"] // tp) * w_bytes
+        if r.rollout_mode == "recompute":
+            cache, copy, prefill_tokens = 0.0, 0.0, R * positions
+        else:
+            cache = n_attn * kv_layer + n_mamba * ssm_layer
+            copy = max(kv_layer / 2 if n_attn else 0.0, ssm_layer if n_mamba else 0.0)
+            prefill_tokens = (roll_contexts if r.rollout_mode == "shared_prefill" else R) * (c + 1)
+        sampling = R * V * SAMPLING_BYTES_PER_ROW_AND_VOCAB
+        prefill = prefill_tokens * inference_bytes_per_token(m, tp, stage_kinds, w_bytes)
+        rollout_items = []
+        if n_attn:
+            rollout_items.append((f"KV cache ({n_attn} attention layers)", n_attn * kv_layer if cache else 0.0))
+        if n_mamba:
+            rollout_items.append((f"Mamba conv+SSM states ({n_mamba} layers)", n_mamba * ssm_layer if cache else 0.0))
+        if prefill >= sampling + copy:
+            rollout_items.append(("prefill working set", prefill))
+        else:
+            rollout_items += [("sampling buffers (full-vocab fp32)", sampling), ("cache row copy", copy)]
+        rollout = Phase(
+            "rollout",
+            rollout_items,
+            note=f"{R} rows (= {roll_contexts} contexts x G={G}) x {positions} positions",
+            hint="Fewer rows per rank: more data-parallel replicas (sbatch --nodes) cut rlp.contexts_per_step / DP; "
+            "a larger TP shards the KV and Mamba states (not the full-vocabulary sampling buffers).",
+        )
+
+        # 3./4. training microbatches
+        def training(rows: int, seq: int, microbatches: int, what: str, hint: str) -> Phase:
+            tokens = rows * seq
+            inflight = min(pp - s, microbatches)
+            layer_bytes = sum(training_bytes_per_token(k, m, tp) for k in stage_kinds)
+            items = [(f"activations ({len(stage_kinds)} layers, {inflight} microbatch(es) in flight)",
+                      tokens * layer_bytes * inflight)]
+            if last:
+                items.append(("final norm + output layer inputs", tokens * 2 * dims["h"] * 2))
+                items.append(("logits + loss (bf16 + fp32 copies)", tokens * V / tp * LOGIT_BYTES_TRAIN))
+            return Phase(what, items, note=f"microbatch {rows} rows x {seq} tokens, {microbatches} microbatch(es)",
+                         hint=hint)
+
+        rlp_train = training(
+            train_rows, width, train_micro, "RLP training microbatch",
+            f"A smaller microbatch: rlp.micro_batch_contexts (now {r.micro_batch_contexts}; its floor, 1, is "
+            f"still G={G} rows of {width} tokens), or a larger TP.",
+        )
+        ntp_train = training(
+            ntp_rows, d.ntp_seq_len, ntp_micro, "NTP training microbatch",
+            f"A smaller NTP microbatch: trainer.ntp_micro_batch_size (now {t.ntp_micro_batch_size}).",
+        )
+        stages.append(StageMemory(s, params, static, [teacher, rollout, rlp_train, ntp_train],
+                                  hardware.reserve_gib * GiB))
+
+    plan = Plan(
+        experiment=experiment, cfg=cfg, hardware=hardware, counts=counts, what_if=what_if,
+        tp=tp, pp=pp, dp=dp, contexts_per_rank=b, stages=stages,
+    )
+    _tokens_and_flops(plan)
+    if search_nodes and not plan.fits:
+        plan.fits_from_nodes = _smallest_fitting_nodes(cfg, hardware, counts, what_if)
+    return plan
+
+
+def _smallest_fitting_nodes(cfg: RunConfig, hardware: Hardware, counts: ParameterCounts, what_if: WhatIf,
+                            max_nodes: int = 256) -> Optional[int]:
+    """The fewest nodes (same TP/PP, GPU and node sizes) at which the plan fits; None if none up to
+    the point where every rank has a single context."""
+    from dataclasses import replace
+
+    p = cfg.parallel
+    replica = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    for nodes in range(1, max_nodes + 1):
+        world = nodes * hardware.gpus_per_node
+        if world % replica:
+            continue
+        dp = world // replica
+        if dp > min(cfg.rlp.contexts_per_step, cfg.trainer.ntp_batch_size):
+            return None
+        trial = make_plan(cfg, replace(hardware, nodes=nodes), counts, what_if=what_if, search_nodes=False)
+        if trial.fits:
+            return nodes
+    return None
+
+
+def schedule_counts(cfg: RunConfig) -> tuple[int, int]:
+    """(NTP steps, RLP steps) among `trainer.steps` under `trainer.schedule`."""
+    from nemo_rlp.training.schedule import RLP, step_kind
+
+    s, steps = cfg.trainer.schedule, cfg.trainer.steps
+    warm = min(s.ntp_warmup_steps, steps)
+    cycle = s.ntp_per_cycle + s.rlp_per_cycle
+    full, rest = divmod(steps - warm, cycle)
+    rlp = full * s.rlp_per_cycle + sum(step_kind(warm + full * cycle + i, s) == RLP for i in range(rest))
+    return steps - rlp, rlp
+
+
+def _tokens_and_flops(plan: Plan) -> None:
+    cfg, n = plan.cfg, plan.counts.matmul
+    r, d, t = cfg.rlp, cfg.data, cfg.trainer
+    B, G, L, c = r.contexts_per_step, r.group_size, r.max_thought_len, d.max_context
+    teacher = -(-B // d.positions_per_document) * (c + 1)
+    if r.rollout_mode == "shared_prefill":
+        prefill = B * (c + 1)
+    elif r.rollout_mode == "cache":
+        prefill = B * G * (c + 1)
+    else:  # recompute: every decoding step runs the whole prefix again
+        prefill = B * G * sum(c + 1 + i for i in range(L + 1))
+    decode = B * G * (L + 1) if r.rollout_mode != "recompute" else 0
+    trained = B * G * (c + L + 2)
+    # A forward-only pass for θ_old's log-probs and S_pred before the first update: with several
+    # minibatches, or (what-if) when training microbatches split the groups; plus the KL reference.
+    scores_first = r.logprob_source == "recompute" and (
+        r.num_minibatches > 1 or plan.what_if.train_microbatch_rows is not None
+    )
+    extra_forward = trained * (scores_first + (r.kl_beta > 0))
+    ntp = t.ntp_batch_size * d.ntp_seq_len
+    plan.tokens = {
+        "thought tokens sampled (B*G*L)": B * G * L,
+        "teacher-scored tokens": teacher,
+        "rollout prefill tokens": prefill,
+        "rollout decoding steps x rows": decode,
+        "trained tokens (B*G*(c+L+2))": trained,
+        "NTP step tokens": ntp,
+    }
+    rlp_flops = 2 * n * (teacher + prefill + decode + extra_forward) + 6 * n * trained
+    plan.flops = {
+        "RLP step: forward-only (2N x teacher, prefill, decoding tokens)": 2 * n * (teacher + prefill + decode + extra_forward),
+        "RLP step: training (6N x trained tokens)": 6 * n * trained,
+        "RLP step total": rlp_flops,
+        "NTP step (6N x tokens)": 6 * n * ntp,
+    }
+    ntp_steps, rlp_steps = schedule_counts(cfg)
+    context_tokens = B * c * rlp_steps
+    ntp_tokens = ntp * ntp_steps
+    plan.run = {
+        "steps (NTP / RLP)": (ntp_steps, rlp_steps),
+        "run FLOPs": rlp_flops * rlp_steps + 6 * n * ntp * ntp_steps,
+        "n*l_seq*bs*iters (G*L*B*RLP steps)": G * L * B * rlp_steps,
+        "T_inp: RLP contexts (B*c*RLP steps, upper bound)": context_tokens,
+        "T_inp: NTP tokens": ntp_tokens,
+        "T_flop": G * L * B * rlp_steps + context_tokens + ntp_tokens,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Printing
+# ------------------------------------------------------------------------------------------------
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_plan(plan: Plan) -> str:
+    cfg, hw, counts = plan.cfg, plan.hardware, plan.counts
+    m, r, d = cfg.model, cfg.rlp, cfg.data
+    lines = []
+    title = f"plan: {plan.experiment or '(base config)'}  model={m.name} ({m.arch}, {m.num_layers} layers)"
+    lines.append(title)
+    if plan.what_if.active():
+        lines.append("WHAT-IF (the trainer does not do this today): " + ", ".join(plan.what_if.active()))
+    lines.append(
+        f"layout: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs = {hw.world_size}; TP={plan.tp} PP={plan.pp} "
+        f"-> DP={plan.dp} model replicas of {plan.tp * plan.pp} GPUs; {hw.gpu_memory_gib:g} GiB per GPU"
+    )
+    published = plan.published
+    deviation = f"; published {published / 1e9:.2f}B, {100 * (counts.total / published - 1):+.2f}%" if published else ""
+    lines.append(f"parameters: {counts.total:,} ({counts.total / 1e9:.3f}B{deviation}); vocabulary {counts.vocab_size:,}")
+    lines.append(
+        f"RLP step: B={r.contexts_per_step} contexts ({plan.contexts_per_rank} per DP rank), G={r.group_size}, "
+        f"L={r.max_thought_len}, context <= {d.max_context}, T={r.temperature}, tau={r.ema_decay}, "
+        f"lr={cfg.trainer.lr:g}, KL beta={r.kl_beta:g}, micro_batch_contexts={r.micro_batch_contexts}"
+    )
+    lines.append("")
+    for stage in plan.stages:
+        where = f" (pipeline stage {stage.stage})" if plan.pp > 1 else ""
+        lines.append(f"memory per GPU{where}, GiB; {stage.params:,} parameters on this GPU")
+        rows: list[tuple[str, str]] = [(f"  {name}", f"{b / GiB:8.2f}") for name, b in stage.static]
+        rows.append(("  static total", f"{stage.static_bytes / GiB:8.2f}"))
+        largest = stage.largest_phase
+        for phase in stage.phases:
+            mark = "  <- largest" if phase is largest else ""
+            rows.append((f"  phase: {phase.name} [{phase.note}]", f"{phase.bytes / GiB:8.2f}{mark}"))
+            rows += [(f"      {name}", f"{b / GiB:8.2f}") for name, b in phase.items]
+        rows.append(("  runtime reserve (CUDA context, NCCL, TE workspaces, fragmentation)", f"{stage.reserve / GiB:8.2f}"))
+        verdict = "fits" if stage.peak <= hw.gpu_memory_gib * GiB else "DOES NOT FIT"
+        rows.append((f"  peak = static + largest phase + reserve", f"{stage.peak / GiB:8.2f}  of {hw.gpu_memory_gib:g}: {verdict}"))
+        width = max(len(a) for a, _ in rows)
+        lines += [f"{a:<{width}}  {b}" for a, b in rows]
+        lines.append("")
+    tokens = [(f"  {k}", _si(v)) for k, v in plan.tokens.items()]
+    flops = [(f"  {k}", f"{_si(v)}FLOP ({_si(v / hw.world_size)}FLOP per GPU)") for k, v in plan.flops.items()]
+    ntp_steps, rlp_steps = plan.run["steps (NTP / RLP)"]
+    run = [
+        ("  steps (trainer.steps; NTP / RLP)", f"{ntp_steps + rlp_steps} ({ntp_steps} / {rlp_steps})"),
+        ("  run FLOPs", f"{_si(plan.run['run FLOPs'])}FLOP"),
+    ] + [(f"  {k}", _si(v)) for k, v in plan.run.items() if k not in ("steps (NTP / RLP)", "run FLOPs")]
+    width = max(len(a) for a, _ in tokens + flops + run)
+    for heading, rows in (
+        ("tokens per step (all replicas; worst case: full contexts, every thought runs to L)", tokens),
+        ("FLOPs per step (all replicas; attention's quadratic term left out)", flops),
+        ("compute-matched CPT baseline over the run: T_flop = n*l_seq*bs*iters + T_inp tokens", run),
+    ):
+        lines.append(heading)
+        lines += [f"{a:<{width}}  {b}" for a, b in rows]
+    lines.append("")
+    lines.append("fits" if plan.fits else plan.refusal())
+    return "\n".join(lines)
