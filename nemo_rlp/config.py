@@ -66,6 +66,10 @@ class DataConfig:
     # None: the corpus and tokenizer bundled with the package (the embedded default).
     corpus: Optional[str] = None
     tokenizer: Optional[str] = None
+    # The tokenizer's end-of-document token (separates documents in NTP batches), and its padding
+    # token (null: the end-of-document token; pads only ever follow a row's last real token).
+    eod_token: str = "<|endoftext|>"
+    pad_token: Optional[str] = "<pad>"
     text_key: str = "text"
     ntp_seq_len: int = 128
     min_context: int = 8

@@ -108,15 +108,13 @@ def _explain_missing(message: str) -> str:
 def _model_vocabulary(cfg) -> int:
     """The model's padded vocabulary, checked against the tokenizer the trainer would load (with the
     same markers), so a tokenizer the run would reject fails here too."""
-    from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
-    from nemo_rlp.data.tokenizer import Tokenizer
+    from nemo_rlp.data.tokenizer import load_tokenizer
     from nemo_rlp.models import padded_vocab_size
 
-    path = cfg.data.tokenizer or BUNDLED_TOKENIZER
     try:
-        tokenizer = Tokenizer.from_file(path, think_start=cfg.rlp.think_start, think_end=cfg.rlp.think_end)
+        tokenizer = load_tokenizer(cfg.data, cfg.rlp)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.tokenizer={str(path)!r}: {err}") from None
+        raise ConfigError(f"data.tokenizer={str(cfg.data.tokenizer)!r}: {err}") from None
     return padded_vocab_size(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
 
 

@@ -191,3 +191,17 @@ def train_byte_level_bpe(
         texts = (piece for text in texts for piece in specials.split(text) if piece)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def load_tokenizer(data_cfg, rlp_cfg) -> "Tokenizer":
+    """The run's tokenizer: `data.tokenizer` (or the bundled one) with the markers the config names
+    (`rlp.think_start`, `rlp.think_end`, `data.eod_token`, `data.pad_token`)."""
+    from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
+
+    return Tokenizer.from_file(
+        data_cfg.tokenizer or BUNDLED_TOKENIZER,
+        think_start=rlp_cfg.think_start,
+        think_end=rlp_cfg.think_end,
+        eod=data_cfg.eod_token,
+        pad=data_cfg.pad_token or data_cfg.eod_token,
+    )

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
-from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
 from nemo_rlp.data.sampling import ContextSampler, NTPBatcher, document_lengths
 from nemo_rlp.data.sources import load_documents
-from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed
 from nemo_rlp.rollout.sampler import Markers
@@ -121,9 +120,7 @@ class Trainer:
         )
         self.ntp_per_rank = _per_rank(cfg.trainer.ntp_batch_size, layout.data_parallel, dp_rank, "trainer.ntp_batch_size")
 
-        self.tokenizer = tokenizer = Tokenizer.from_file(
-            cfg.data.tokenizer or BUNDLED_TOKENIZER, think_start=cfg.rlp.think_start, think_end=cfg.rlp.think_end
-        )
+        self.tokenizer = tokenizer = load_tokenizer(cfg.data, cfg.rlp)
         documents = load_documents(cfg.data, tokenizer)
         vocab_size = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tensor_parallel)
         log.info(

@@ -365,3 +365,30 @@ def test_generator_seed_changes_text() -> None:
     assert synthetic.generate_documents(20, seed=1) != synthetic.generate_documents(20, seed=2)
     assert not any("<think>" in t for t in synthetic.generate_documents(50, thought_fraction=0.0))
     assert all("<think>" in t for t in synthetic.generate_documents(50, thought_fraction=1.0))
+
+
+def _with_specials(tmp_path: Path, specials: list[str]) -> Path:
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", "hi"])}, unk_token="[UNK]"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.add_special_tokens(specials)
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    return path
+
+
+def test_marker_names_come_from_the_config(tmp_path: Path) -> None:
+    """A Qwen3-like tokenizer: <|endoftext|> and the think markers, no <pad>."""
+    from nemo_rlp.config import load_config
+    from nemo_rlp.data.tokenizer import load_tokenizer
+
+    path = _with_specials(tmp_path, ["<|endoftext|>", "<think>", "</think>"])
+    cfg = load_config([f"data.tokenizer={path}", "data.pad_token=null"])
+    tok = load_tokenizer(cfg.data, cfg.rlp)
+    assert tok.pad_id == tok.eod_id == tok.hf_tokenizer.token_to_id("<|endoftext|>")
+    with pytest.raises(ValueError, match=r"'<pad>' is not a token"):
+        cfg = load_config([f"data.tokenizer={path}"])
+        load_tokenizer(cfg.data, cfg.rlp)
+    # Another end-of-document token, named in the config.
+    path = _with_specials(tmp_path, ["</s>", "<think>", "</think>"])
+    cfg = load_config([f"data.tokenizer={path}", "data.eod_token='</s>'", "data.pad_token=null"])
+    assert load_tokenizer(cfg.data, cfg.rlp).eod_id == load_tokenizer(cfg.data, cfg.rlp).hf_tokenizer.token_to_id("</s>")
