@@ -186,6 +186,10 @@ class CheckpointConfig:
     # that checkpoint (a step_XXXXXXX directory, or a directory of them: its latest) unless `dir`
     # already holds one of this run's.
     resume: str = "auto"
+    # Start the policy from these weights when there is nothing to resume from: the output of
+    # recipes/import_checkpoint.py, or any training checkpoint (its policy only; the optimizer,
+    # data and counters start fresh, and the EMA teacher is seeded from these weights as always).
+    init_weights: Optional[str] = None
     # Write the sharded tensors in a background process (megatron-core's async save); the next save,
     # the end of the run or a preemption waits for it.
     async_save: bool = False
@@ -465,6 +469,9 @@ def validate(cfg: RunConfig) -> None:
         _fail("checkpoint.keep_last", c.keep_last, "an integer >= 1")
     if c.dir is not None and not str(c.dir).strip():
         _fail("checkpoint.dir", c.dir, "null (the default directory) or a non-empty path")
+    if c.init_weights is not None and not (Path(c.init_weights) / "dist").is_dir():
+        _fail("checkpoint.init_weights", c.init_weights,
+              "a directory holding dist/ (recipes/import_checkpoint.py --out, or a step_XXXXXXX checkpoint)")
     if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
         _fail("checkpoint.resume", c.resume, "'auto', 'never' or the path of an existing checkpoint directory")
     for i, name in enumerate(c.signals):

@@ -466,6 +466,16 @@ class Checkpointer:
     # Loading
     # --------------------------------------------------------------------------------------------
 
+    def load_weights(self, path: Path, model) -> None:
+        """Only the policy's weights from `path/dist` (an import or a training checkpoint), in any
+        TP/PP layout; nothing else of the run is touched."""
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load(
+            {"model": model.language_model.sharded_state_dict()}, str(Path(path) / DIST_DIR)
+        )
+        model.language_model.load_state_dict(loaded["model"])
+
     def load(self, path: Path, model) -> tuple[dict, dict, bool]:
         """Load the checkpoint at `path` into `model` (policy, teacher, optimizer, schedule, EMA
         counters). Returns (the common trainer state, this rank's state, whether the layout is the

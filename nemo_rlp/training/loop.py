@@ -152,6 +152,9 @@ class Trainer:
             log.info("resumed from %s at step %d of %d", self.resumed_from, self.step, cfg.trainer.steps)
         else:
             log.info("checkpoints: %s (nothing to resume from: starting at step 0)", self.checkpointer.directory)
+            if cfg.checkpoint.init_weights:
+                self.checkpointer.load_weights(Path(cfg.checkpoint.init_weights), self.model)
+                log.info("policy weights from %s", cfg.checkpoint.init_weights)
 
     def _seed_data_streams(self, data_seed: int) -> None:
         documents, cfg = self._documents, self.cfg

@@ -312,3 +312,18 @@ def test_nonfinite_rewards_skip_the_rlp_update_and_the_ema(tmp_path, monkeypatch
     after = _state(trainer)
     assert _same(before[0], after[0]) and _same(before[1], after[1])
     assert trainer.model.ema.num_updates == 0
+
+
+def test_init_weights_starts_the_policy_from_a_checkpoint_and_nothing_else(tmp_path):
+    first = Trainer(load_config(FAST + ["trainer.steps=2"]), tmp_path / "a")
+    first.train()
+    trained = {n: p.detach().clone() for n, p in first.model.language_model.named_parameters()}
+    step_dir = sorted((tmp_path / "a" / "checkpoints").glob("step_*"))[-1]
+    run = Trainer(load_config(FAST + ["trainer.steps=2", f"checkpoint.init_weights={step_dir}"]), tmp_path / "b")
+    # The weights, and only the weights: a fresh run at step 0, its EMA teacher not yet seeded.
+    assert run.step == 0 and run.resumed_from is None and not run.model.ema.initialized
+    for name, param in run.model.language_model.named_parameters():
+        assert torch.equal(param.detach(), trained[name]), name
+    assert run.train().steps == 2
+    with pytest.raises(ConfigError, match=r"checkpoint\.init_weights"):
+        load_config([f"checkpoint.init_weights={tmp_path}"])
