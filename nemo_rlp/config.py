@@ -110,6 +110,14 @@ class RLPConfig:
     num_minibatches: int = 1
     # Contexts (each with its G thoughts) per microbatch of the training forward; 0: all at once.
     micro_batch_contexts: int = 0
+    # > 0: training microbatches of this many thought rows instead, splitting groups anywhere (the
+    # advantages are computed over whole groups first, from θ_old's S_pred: with logprob_source
+    # `recompute` that costs one forward-only pass). For models whose G rows do not fit at once.
+    micro_batch_rows: int = 0
+    # Contexts rolled out at once (0: all of the rank's); bounds the KV/SSM cache to G times that.
+    rollout_batch_contexts: int = 0
+    # Document windows per EMA-teacher scoring forward (0: all at once).
+    score_batch_windows: int = 0
     # Where θ_old's log-probs and S_pred come from: the training forward ("recompute", exact on the
     # first step and kernel-consistent) or the rollout pass ("sampler"); see training/steps.py.
     logprob_source: str = "recompute"
@@ -369,6 +377,11 @@ def validate(cfg: RunConfig) -> None:
         _fail("rlp.num_minibatches", r.num_minibatches, f"<= rlp.contexts_per_step={r.contexts_per_step}")
     if r.micro_batch_contexts < 0:
         _fail("rlp.micro_batch_contexts", r.micro_batch_contexts, "an integer >= 0 (0: one microbatch)")
+    for key in ("micro_batch_rows", "rollout_batch_contexts", "score_batch_windows"):
+        if getattr(r, key) < 0:
+            _fail(f"rlp.{key}", getattr(r, key), "an integer >= 0 (0: all at once)")
+    if r.micro_batch_rows and r.kl_beta > 0:
+        _fail("rlp.micro_batch_rows", r.micro_batch_rows, "0 when rlp.kl_beta > 0 (the KL term needs whole groups)")
     if r.logprob_source not in ("recompute", "sampler"):
         _fail("rlp.logprob_source", r.logprob_source, "'recompute' or 'sampler'")
     if r.think_start == r.think_end or not r.think_start or not r.think_end:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rewards", "group_advantages", "rlp_loss"]
+__all__ = ["rewards", "group_advantages", "rlp_loss", "thought_losses"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,9 +109,10 @@ def rlp_loss(
     reward = rewards(s_pred, s_ema).to(dtype)
     advantage = group_advantages(reward)
 
-    ratio = _importance_ratio(logp_new.to(dtype), logp_old.to(dtype), mask)
-    surrogate, unclipped, clipped = _clipped_surrogate(ratio, advantage[..., None], eps_low, eps_high)
-    pg_loss = -_per_thought_mean(surrogate, mask, thought_len).mean()
+    per_thought, ratio, unclipped, clipped = thought_losses(
+        logp_new.to(dtype), logp_old.to(dtype), mask, advantage, eps_low, eps_high
+    )
+    pg_loss = per_thought.mean()
 
     kl = torch.zeros((), dtype=dtype, device=logp_new.device)
     if use_kl:
@@ -136,6 +137,23 @@ def rlp_loss(
         kl=kl,
     )
     return loss, metrics
+
+
+def thought_losses(
+    logp_new: Tensor, logp_old: Tensor, thought_mask: Tensor, advantages: Tensor, eps_low: float, eps_high: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 6-7 for thoughts whose advantages are already known: shapes [..., U] for the tokens and
+    [...] for the advantages (e.g. [B, G] groups, or any [N] rows of them).
+
+    Returns the per-thought clipped surrogate loss ``L_i = -(1/|c_i|) sum_u min(rho A, clip(rho) A)``
+    [...], and the token-level ratio and both surrogate branches (for metrics). Every thought's loss
+    depends on its own tokens and advantage only, so a batch of thoughts can be split anywhere once
+    the advantages are computed over whole groups: the mean over all thoughts is the RLP loss.
+    """
+    thought_len = thought_mask.sum(dim=-1).to(logp_new.dtype)
+    ratio = _importance_ratio(logp_new, logp_old, thought_mask)
+    surrogate, unclipped, clipped = _clipped_surrogate(ratio, advantages[..., None], eps_low, eps_high)
+    return -_per_thought_mean(surrogate, thought_mask, thought_len), ratio, unclipped, clipped
 
 
 def _importance_ratio(logp_new: Tensor, logp_old: Tensor, mask: Tensor) -> Tensor:

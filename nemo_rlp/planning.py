@@ -44,8 +44,10 @@ buffers, Transformer Engine workspaces and allocator fragmentation):
      (Mamba: in_proj output, conv output, scan output and fp32 chunk states; attention: QKV and the
      attention output; MLP: fc1 and activation outputs), all / TP except the hidden states.
    The prefill and the sampling buffers do not coexist: cache + max(prefill, sampling + copy).
-3. RLP training (`nemo_rlp.training.steps.rlp_update`): a microbatch of G * `rlp.micro_batch_contexts`
-   rows (all b contexts when 0) of c + L + 2 input tokens. No activation recomputation and no sequence
+3. RLP training (`nemo_rlp.training.steps.rlp_update`): a microbatch of `rlp.micro_batch_rows` rows
+   (groups split), else G * `rlp.micro_batch_contexts` rows (all b contexts when 0), of c + L + 2
+   input tokens. Rollouts hold `rlp.rollout_batch_contexts` contexts at once and the teacher scores
+   `rlp.score_batch_windows` windows per forward (0: all). No activation recomputation and no sequence
    parallelism (the providers enable neither), so every layer keeps what its backward needs. Rough
    bytes per token (bf16, Transformer Engine layers, flash attention, dropout 0):
    - every layer: its input and its normalised input, 2 * h * 2 (replicated over TP);
@@ -69,10 +71,9 @@ prefill and decoding), N the parameters that multiply (all but the input embeddi
 to the output layer). The quadratic attention term is left out; at c + L = 4096 tokens it adds about
 4 * s * heads * head_dim FLOPs per attention layer and token.
 
-What-ifs (`WhatIf`, `--what-if` on the command line): a few changes the trainer does not make today
-(the distributed optimizer; rollouts, teacher scoring or RLP training microbatches in smaller pieces)
-can be planned to see what they would buy. A plan with any of them says so in its header; the
-defaults are today's code, and the Slurm dry run plans today's code.
+What-ifs (`WhatIf`, `--what-if` on the command line): the distributed optimizer, which the trainer does
+not use yet, and quick overrides of the three piece sizes above without editing the config. A plan
+with any of them says so in its header; the Slurm dry run plans the config as it is.
 
 CPT baseline (DESIGN.md section 1): a continued-pretraining run that sees as many tokens as RLP spends,
 T_flop = n * l_seq * bs * iters + T_inp, with n = G thoughts per context, l_seq = L tokens per thought,
@@ -281,15 +282,14 @@ class Hardware:
 
 @dataclass(frozen=True)
 class WhatIf:
-    """Changes the trainer does not make today, to see what they would buy. The defaults are today's
-    behaviour; a plan with any of them set says so in its header."""
+    """Changes to plan without editing the config (the distributed optimizer is not in the trainer
+    yet); a plan with any of them set says so in its header."""
 
     distributed_optimizer: bool = False  # shard the fp32 master copy and Adam moments over DP
-    rollout_chunk_contexts: Optional[int] = None  # roll out this many contexts at a time (None: all)
-    # RLP training microbatches of this many rows, with S_pred and the advantages computed before
-    # (None: G * rlp.micro_batch_contexts rows, as the loss needs every thought of a group today)
+    rollout_chunk_contexts: Optional[int] = None  # contexts rolled out at once (None: rlp.rollout_batch_contexts)
+    # RLP training microbatches of this many rows (the trainer's rlp.micro_batch_rows; None: the config's)
     train_microbatch_rows: Optional[int] = None
-    teacher_rows: Optional[int] = None  # teacher-scoring forwards of at most this many windows
+    teacher_rows: Optional[int] = None  # windows per teacher forward (None: rlp.score_batch_windows)
 
     def active(self) -> list[str]:
         out = ["distributed optimizer"] if self.distributed_optimizer else []
@@ -426,11 +426,12 @@ def make_plan(
     ntp_rows = t.ntp_micro_batch_size or ntp_rank
     ntp_micro = -(-ntp_rank // ntp_rows)
     windows = -(-b // d.positions_per_document)
-    if what_if.teacher_rows:
-        windows = min(windows, what_if.teacher_rows)
-    roll_contexts = min(b, what_if.rollout_chunk_contexts or b)
+    teacher_rows = what_if.teacher_rows or r.score_batch_windows
+    if teacher_rows:
+        windows = min(windows, teacher_rows)
+    roll_contexts = min(b, what_if.rollout_chunk_contexts or r.rollout_batch_contexts or b)
     R = roll_contexts * G  # rollout rows at once
-    train_rows = what_if.train_microbatch_rows or mb_contexts * G
+    train_rows = what_if.train_microbatch_rows or r.micro_batch_rows or mb_contexts * G
     train_micro = -(-b * G // train_rows)
 
     stages = []
@@ -506,8 +507,8 @@ def make_plan(
 
         rlp_train = training(
             train_rows, width, train_micro, "RLP training microbatch",
-            f"A smaller microbatch: rlp.micro_batch_contexts (now {r.micro_batch_contexts}; its floor, 1, is "
-            f"still G={G} rows of {width} tokens), or a larger TP.",
+            f"A smaller microbatch: rlp.micro_batch_rows (now {r.micro_batch_rows}; 0 means whole groups "
+            f"of G={G} rows of {width} tokens), or a larger TP.",
         )
         ntp_train = training(
             ntp_rows, d.ntp_seq_len, ntp_micro, "NTP training microbatch",
@@ -575,7 +576,7 @@ def _tokens_and_flops(plan: Plan) -> None:
     # A forward-only pass for θ_old's log-probs and S_pred before the first update: with several
     # minibatches, or (what-if) when training microbatches split the groups; plus the KL reference.
     scores_first = r.logprob_source == "recompute" and (
-        r.num_minibatches > 1 or plan.what_if.train_microbatch_rows is not None
+        r.num_minibatches > 1 or plan.what_if.train_microbatch_rows is not None or r.micro_batch_rows > 0
     )
     extra_forward = trained * (scores_first + (r.kl_beta > 0))
     ntp = t.ntp_batch_size * d.ntp_seq_len
@@ -626,7 +627,7 @@ def format_plan(plan: Plan) -> str:
     title = f"plan: {plan.experiment or '(base config)'}  model={m.name} ({m.arch}, {m.num_layers} layers)"
     lines.append(title)
     if plan.what_if.active():
-        lines.append("WHAT-IF (the trainer does not do this today): " + ", ".join(plan.what_if.active()))
+        lines.append("WHAT-IF (not the config as it is): " + ", ".join(plan.what_if.active()))
     lines.append(
         f"layout: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs = {hw.world_size}; TP={plan.tp} PP={plan.pp} "
         f"-> DP={plan.dp} model replicas of {plan.tp * plan.pp} GPUs; {hw.gpu_memory_gib:g} GiB per GPU"

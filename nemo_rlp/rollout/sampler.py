@@ -68,6 +68,28 @@ class ThoughtBatch:
     def num_contexts(self) -> int:
         return self.tokens.shape[0] // self.group_size
 
+    @staticmethod
+    def concat(parts: list["ThoughtBatch"], pad: int) -> "ThoughtBatch":
+        """One batch of the contexts of `parts`, in order (rows right-padded to the widest)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def widen(t: torch.Tensor, width: int, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        width = max(p.tokens.shape[1] for p in parts)
+        u = max(p.behaviour_logprobs.shape[1] for p in parts)
+        return ThoughtBatch(
+            tokens=torch.cat([widen(p.tokens, width, pad) for p in parts]),
+            thought_start=torch.cat([p.thought_start for p in parts]),
+            thought_len=torch.cat([p.thought_len for p in parts]),
+            end_sampled=torch.cat([p.end_sampled for p in parts]),
+            answer_index=torch.cat([p.answer_index for p in parts]),
+            group_size=parts[0].group_size,
+            behaviour_logprobs=torch.cat([widen(p.behaviour_logprobs, u, 0.0) for p in parts]),
+            s_pred=torch.cat([p.s_pred for p in parts]),
+        )
+
     def select_contexts(self, start: int, stop: int) -> "ThoughtBatch":
         """The rows of contexts [start, stop): a data-parallel rank's share of a global batch."""
         rows = slice(start * self.group_size, stop * self.group_size)

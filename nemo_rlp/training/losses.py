@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from nemo_rlp.objective import rlp_loss
+from nemo_rlp.objective import rlp_loss, thought_losses
 
 
 class MicrobatchLoss(Protocol):
@@ -95,3 +95,45 @@ class RLPLoss:
             metrics["s_pred_mismatch_max"] = (s_pred_here - self.sampler_s_pred).abs().max()
         # rlp_loss is the mean over this microbatch's B*G thoughts.
         return loss * (units / self.global_thoughts), metrics, units
+
+
+@dataclass
+class RLPRowLoss:
+    """The RLP loss of any rows of thoughts, whose advantages were computed over whole groups before
+    the schedule (`rlp.micro_batch_rows`): a microbatch need not hold a whole group, which is what
+    lets a large model train on long thoughts in small microbatches."""
+
+    tokens: torch.Tensor  # [N, S]
+    thought_index: torch.Tensor  # [N, U]
+    thought_mask: torch.Tensor  # [N, U]
+    advantages: torch.Tensor  # [N]
+    rewards: torch.Tensor  # [N] (metrics only)
+    logp_old: torch.Tensor  # [N, U]: θ_old's, computed before the schedule
+    global_thoughts: int
+    eps_low: float
+    eps_high: float
+
+    def __call__(self, logprobs):
+        logp_new = logprobs.gather(1, self.thought_index - 1)
+        per_thought, ratio, unclipped, clipped = thought_losses(
+            logp_new, self.logp_old, self.thought_mask, self.advantages, self.eps_low, self.eps_high
+        )
+        units = self.tokens.shape[0]
+        mask = self.thought_mask
+        with torch.no_grad():
+            n_tokens = mask.sum().clamp(min=1)
+            clip_active = mask & (clipped < unclipped)
+            metrics = {
+                "loss_pg": per_thought.detach().mean(),
+                "reward_mean": self.rewards.mean(),
+                "reward_pos_frac": (self.rewards > 0).float().mean(),
+                "adv_std": self.advantages.std(correction=0),
+                "clip_frac": clip_active.sum() / n_tokens,
+                "clip_frac_low": (clip_active & (ratio < 1)).sum() / n_tokens,
+                "clip_frac_high": (clip_active & (ratio > 1)).sum() / n_tokens,
+                "ratio_mean": ratio[mask].mean(),
+                "ratio_max": ratio[mask].max(),
+                "thought_len_mean": mask.sum(dim=-1).float().mean(),
+            }
+        # Non-finite inputs make the loss NaN, and the optimizer step is then skipped (policy.py).
+        return per_thought.sum() / self.global_thoughts, metrics, units

@@ -39,7 +39,8 @@ from nemo_rlp.data.sampling import ContextSampler, RLPContext, teacher_scorer
 from nemo_rlp.models.handle import next_token_logprobs, positions_like
 from nemo_rlp.parallel.distributed import data_parallel_sum, reduce_metrics
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
-from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss
+from nemo_rlp.objective import group_advantages, rewards
+from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss, RLPRowLoss
 from nemo_rlp.training.policy import PolicyWithTeacher
 
 
@@ -137,11 +138,13 @@ SKIP_REASON = "_skip_reason"
 
 
 def sample_contexts(
-    model: PolicyWithTeacher, sampler: ContextSampler, n: int, pad: int, device: torch.device
+    model: PolicyWithTeacher, sampler: ContextSampler, n: int, pad: int, device: torch.device,
+    windows_per_forward: int = 0,
 ) -> tuple[list[RLPContext], torch.Tensor]:
     """Draw n contexts and their S_ema = log p̄_φ(x_t | x_<t) [n]: one teacher forward per document
-    window scores every position sampled from it (and feeds the optional position filter)."""
-    scorer = teacher_scorer(model.teacher.token_logprobs, pad, device)
+    window scores every position sampled from it (and feeds the optional position filter); the
+    teacher scores `windows_per_forward` windows at a time (0: all at once)."""
+    scorer = teacher_scorer(model.teacher.token_logprobs, pad, device, max_rows=windows_per_forward or None)
     windows = sampler.sample_windows(n, scorer=scorer)
     contexts = [c for w in windows for c in w.contexts()]
     s_ema = torch.from_numpy(np.concatenate([w.s_ema() for w in windows])).to(device)
@@ -161,7 +164,7 @@ def rlp_step(
     and their rewards [B, G] by the sampler's S_pred (for logging)."""
     # φ ← θ at the first RLP batch, before the teacher scores anything.
     model.seed_teacher()
-    contexts, s_ema = sample_contexts(model, sampler, num_contexts, markers.pad, device)
+    contexts, s_ema = sample_contexts(model, sampler, num_contexts, markers.pad, device, cfg.score_batch_windows)
     params = SamplingParams(
         group_size=cfg.group_size,
         max_thought_len=cfg.max_thought_len,
@@ -170,8 +173,16 @@ def rlp_step(
         top_p=cfg.top_p,
         mode=cfg.rollout_mode,
     )
-    batch = sample_thoughts(
-        model.policy, [c.prefix for c in contexts], [c.target for c in contexts], params, markers, generator, device
+    # Contexts roll out `rlp.rollout_batch_contexts` at a time (0: all): the KV/SSM cache holds
+    # that many contexts' G rows.
+    chunk = cfg.rollout_batch_contexts or len(contexts)
+    batch = ThoughtBatch.concat(
+        [
+            sample_thoughts(model.policy, [c.prefix for c in part], [c.target for c in part], params, markers,
+                            generator, device)
+            for part in (contexts[i : i + chunk] for i in range(0, len(contexts), chunk))
+        ],
+        pad=markers.pad,
     )
     metrics = rlp_update(model, batch, s_ema, cfg)
     metrics["end_marker_rate"] = float(batch.end_sampled.float().mean())
@@ -191,13 +202,18 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
             f"data-parallel rank; this rank has {B}. Raise rlp.contexts_per_step or lower num_minibatches."
         )
     index, mask = batch.thought_token_index()
-    micro_rows = G * (cfg.micro_batch_contexts or B)
+    split_groups = cfg.micro_batch_rows > 0
+    micro_rows = cfg.micro_batch_rows if split_groups else G * (cfg.micro_batch_contexts or B)
 
-    logp_old = s_pred = None
+    logp_old = s_pred = advantages = row_rewards = None
     if cfg.logprob_source == "sampler":
         logp_old, s_pred = batch.behaviour_logprobs, batch.s_pred
-    elif cfg.num_minibatches > 1:
+    elif cfg.num_minibatches > 1 or split_groups:
         logp_old, s_pred = _scores(model, batch, micro_rows)
+    if split_groups and s_pred is not None:
+        # Over whole groups, before any microbatch: then a microbatch may hold any rows.
+        reward = rewards(s_pred.view(B, G), s_ema)
+        advantages, row_rewards = group_advantages(reward).reshape(-1), reward.reshape(-1)
     logp_ref = None
     if cfg.kl_beta > 0:
         with torch.no_grad():
@@ -214,7 +230,19 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
         # The sampler check compares θ_old's values: only the first minibatch still runs at θ_old.
         check = minibatch == 0
         losses = []
-        for micro in np.array_split(contexts_m, max(1, -(-len(contexts_m) * G // micro_rows))):
+        if split_groups:
+            rows_m = np.arange(int(contexts_m[0]) * G, (int(contexts_m[-1]) + 1) * G)
+            for start in range(0, len(rows_m), micro_rows):
+                rows = slice(int(rows_m[start]), int(rows_m[min(start + micro_rows, len(rows_m)) - 1]) + 1)
+                pick = lambda t: None if t is None else t[rows]  # noqa: E731
+                losses.append(
+                    RLPRowLoss(
+                        tokens=batch.tokens[rows], thought_index=index[rows], thought_mask=mask[rows],
+                        advantages=pick(advantages), rewards=pick(row_rewards), logp_old=pick(logp_old),
+                        global_thoughts=int(global_m), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                    )
+                )
+        for micro in ([] if split_groups else np.array_split(contexts_m, max(1, -(-len(contexts_m) * G // micro_rows)))):
             rows = slice(int(micro[0]) * G, (int(micro[-1]) + 1) * G)
             pick = lambda t: None if t is None else t[rows]  # noqa: E731
             losses.append(

@@ -233,3 +233,31 @@ def test_several_minibatches_per_rollout_batch(tmp_path, source):
 def test_num_minibatches_beyond_contexts_is_rejected():
     with pytest.raises(ConfigError, match=r"rlp\.num_minibatches"):
         load_config(["rlp.contexts_per_step=2", "rlp.num_minibatches=3"])
+
+
+@pytest.mark.parametrize("source", ["sampler", "recompute"])
+def test_microbatches_that_split_groups_train_like_whole_groups(tmp_path, source):
+    """rlp.micro_batch_rows=2 with G=3: microbatches cut through groups, and the update is the one
+    whole-group microbatches give (advantages come from whole groups either way)."""
+    common = FAST + ["trainer.steps=1", "trainer.schedule.ntp_per_cycle=0", f"rlp.logprob_source={source}",
+                     "checkpoint.resume=never"]
+    runs = {}
+    for rows in (0, 2):
+        run = Trainer(load_config(common + [f"rlp.micro_batch_rows={rows}"]), tmp_path / f"rows{rows}")
+        kind, metrics = run.train_step()
+        assert kind == RLP and metrics["updated"] == 1.0
+        runs[rows] = (_snapshot(run.model.language_model), metrics)
+    (whole, m_whole), (split, m_split) = runs[0], runs[2]
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=0, msg=name)
+    assert m_split["reward_mean"] == pytest.approx(m_whole["reward_mean"], abs=1e-6)
+    assert m_split["loss_pg"] == pytest.approx(m_whole["loss_pg"], abs=1e-6)
+
+
+def test_chunked_rollouts_scoring_and_row_microbatches_run(tmp_path):
+    cfg = load_config(FAST + ["trainer.steps=2", "trainer.schedule.ntp_per_cycle=0", "rlp.rollout_batch_contexts=1",
+                              "rlp.score_batch_windows=1", "rlp.micro_batch_rows=2", "checkpoint.resume=never"])
+    run = Trainer(cfg, tmp_path)
+    for _ in range(2):
+        kind, metrics = run.train_step()
+        assert kind == RLP and metrics["updated"] == 1.0 and metrics["thought_len_mean"] >= 1
