@@ -11,10 +11,10 @@ import pytest
 
 pytestmark = pytest.mark.distributed
 
+from tests.tiny_run import TINY_RUN
+
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["trainer.steps=4", "trainer.schedule.ntp_warmup_steps=1", "rlp.group_size=3", "rlp.max_thought_len=6",
-        "rlp.contexts_per_step=4", "trainer.ntp_batch_size=4", "data.ntp_seq_len=32", "data.max_context=32",
-        "logging.tensorboard=false"]
+FAST = [*TINY_RUN, "trainer.steps=4", "trainer.schedule.ntp_warmup_steps=1"]
 
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"])

@@ -21,19 +21,11 @@ from nemo_rlp.training.loop import Trainer, TrainingHalted
 from nemo_rlp.training.losses import NTPLoss
 from nemo_rlp.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 
+from tests.tiny_run import TINY_RUN
+
 REPO = Path(__file__).resolve().parents[2]
 
-FAST = [
-    "rlp.group_size=3",
-    "rlp.max_thought_len=6",
-    "rlp.contexts_per_step=4",
-    "trainer.ntp_batch_size=4",
-    "data.ntp_seq_len=32",
-    "data.max_context=32",
-    "trainer.schedule.ntp_warmup_steps=1",
-    "logging.tensorboard=false",
-    "logging.show_thoughts=0",
-]
+FAST = [*TINY_RUN, "trainer.schedule.ntp_warmup_steps=1"]
 COMPARED = ("ntp_loss", "reward_mean", "s_pred_mean", "s_ema_mean", "grad_norm", "thought_len_mean", "lr")
 
 

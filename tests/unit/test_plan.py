@@ -16,7 +16,6 @@ import pytest
 
 from nemo_rlp import planning
 from nemo_rlp.config import load_config
-from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
 from nemo_rlp.plan import main
 from nemo_rlp.planning import GiB, Hardware, WhatIf, make_plan
 
@@ -30,20 +29,11 @@ def sbatch_nodes(script: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> list[str]:
-    """Overrides for the data the experiments leave to the user (the plan only checks they exist)."""
-    root = tmp_path_factory.mktemp("data")
-    for suffix in (".bin", ".idx"):
-        (root / f"corpus{suffix}").touch()
-    return [f"data.corpus={root / 'corpus'}", f"data.tokenizer={BUNDLED_TOKENIZER}"]
-
-
-@pytest.fixture(scope="module")
-def experiments(data) -> dict:
+def experiments(experiment_data) -> dict:
     """{experiment: (config, parameter counts)}; each model built once, on the meta device."""
     out = {}
     for name in EXPERIMENTS:
-        cfg = load_config([f"+experiment={name}", *data])
+        cfg = load_config([f"+experiment={name}", *experiment_data])
         out[name] = (cfg, planning.count_parameters(cfg.model, cfg.model.vocab_size))
     return out
 
@@ -169,7 +159,7 @@ def test_flops_and_cpt_token_budget(experiments):
 
 
 @pytest.mark.parametrize("steps, warmup, ntp, rlp", [(10, 0, 1, 1), (7, 3, 2, 1), (5, 9, 1, 1), (11, 2, 0, 3)])
-def test_schedule_counts(data, steps, warmup, ntp, rlp):
+def test_schedule_counts(experiment_data, steps, warmup, ntp, rlp):
     from nemo_rlp.training.schedule import RLP, step_kind
 
     cfg = load_config([f"trainer.steps={steps}", f"trainer.schedule.ntp_warmup_steps={warmup}",
@@ -183,16 +173,16 @@ def test_schedule_counts(data, steps, warmup, ntp, rlp):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_cli_plans_the_qwen3_recipe(data, capsys):
-    assert main(["rlp_qwen3_1p7b", "--nodes", str(sbatch_nodes("rlp_qwen3_1p7b.sh")), *data]) == 0
+def test_cli_plans_the_qwen3_recipe(experiment_data, capsys):
+    assert main(["rlp_qwen3_1p7b", "--nodes", str(sbatch_nodes("rlp_qwen3_1p7b.sh")), *experiment_data]) == 0
     out = capsys.readouterr().out
     assert "parameters: 1,720,574,976" in out and out.rstrip().endswith("fits")
     for heading in ("memory per GPU", "tokens per step", "FLOPs per step", "T_flop"):
         assert heading in out
 
 
-def test_cli_refuses_a_layout_that_does_not_fit(data, capsys):
-    assert main(["rlp_qwen3_1p7b", "--nodes", "12", "--gpu-memory-gib", "40", *data]) == 1
+def test_cli_refuses_a_layout_that_does_not_fit(experiment_data, capsys):
+    assert main(["rlp_qwen3_1p7b", "--nodes", "12", "--gpu-memory-gib", "40", *experiment_data]) == 1
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last.startswith("layout does not fit") and "> 40 GiB (--gpu-memory-gib)" in last
 
@@ -203,17 +193,17 @@ def test_cli_names_the_data_the_experiment_leaves_open(capsys):
     assert "config error: data.tokenizer=" in err and "data.corpus=PREFIX" in err
 
 
-def test_cli_rejects_bad_values_like_the_trainer(data, capsys):
-    assert main(["rlp_qwen3_1p7b", *data, "rlp.group_size=1"]) == 2
+def test_cli_rejects_bad_values_like_the_trainer(experiment_data, capsys):
+    assert main(["rlp_qwen3_1p7b", *experiment_data, "rlp.group_size=1"]) == 2
     assert "rlp.group_size=1 is not allowed" in capsys.readouterr().err
-    assert main(["rlp_qwen3_1p7b", *data, "parallel.tensor_model_parallel_size=3"]) == 2
+    assert main(["rlp_qwen3_1p7b", *experiment_data, "parallel.tensor_model_parallel_size=3"]) == 2
     assert "parallel.tensor_model_parallel_size=3" in capsys.readouterr().err
     assert main(["no_such_experiment"]) == 2
     assert "rlp_qwen3_1p7b" in capsys.readouterr().err
-    assert main(["rlp_qwen3_1p7b", *data, "--what-if", "bogus=1"]) == 2
+    assert main(["rlp_qwen3_1p7b", *experiment_data, "--what-if", "bogus=1"]) == 2
 
 
-def test_cli_layout_must_divide_the_gpus(data, capsys):
+def test_cli_layout_must_divide_the_gpus(experiment_data, capsys):
     # TP=8 on 4 GPUs: megatron's layout check, by name.
-    assert main(["rlp_qwen3_1p7b", "--nodes", "1", "--gpus-per-node", "4", *data]) == 2
+    assert main(["rlp_qwen3_1p7b", "--nodes", "1", "--gpus-per-node", "4", *experiment_data]) == 2
     assert "does not divide the world size 4" in capsys.readouterr().err

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "slurm"
@@ -28,14 +27,6 @@ def sbatch_options(script: Path) -> dict[str, str]:
             key, _, value = line[len("#SBATCH --"):].partition("=")
             options[key] = value
     return options
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("data")
-    for suffix in (".bin", ".idx"):
-        (root / f"corpus{suffix}").touch()
-    return [f"data.corpus={root / 'corpus'}", f"data.tokenizer={BUNDLED_TOKENIZER}"]
 
 
 def dry_run(script: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -58,8 +49,8 @@ EXTRA = ["trainer.steps=7", "data.logprob_band=[-8.0,-0.05]", "logging.show_thou
 
 
 @pytest.fixture(scope="module")
-def dry_runs(data) -> dict[str, subprocess.CompletedProcess]:
-    return {script: dry_run(script, [*data, *EXTRA]) for script in RECIPES}
+def dry_runs(experiment_data) -> dict[str, subprocess.CompletedProcess]:
+    return {script: dry_run(script, [*experiment_data, *EXTRA]) for script in RECIPES}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,18 +96,18 @@ def test_requeue_contract_matches_the_trainer():
         assert "SIGUSR1" in signals.signals
 
 
-def test_qwen3_dry_run_plans_and_prints_the_srun_line(dry_runs, data):
+def test_qwen3_dry_run_plans_and_prints_the_srun_line(dry_runs, experiment_data):
     proc = dry_runs["rlp_qwen3_1p7b.sh"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parameters: 1,720,574,976" in proc.stdout and "\nfits\n" in proc.stdout
-    _check_srun_line(srun_line(proc.stdout), "rlp_qwen3_1p7b.sh", data)
+    _check_srun_line(srun_line(proc.stdout), "rlp_qwen3_1p7b.sh", experiment_data)
 
 
-def test_12b_dry_run_passes_and_prints_the_srun_line(dry_runs, data):
+def test_12b_dry_run_passes_and_prints_the_srun_line(dry_runs, experiment_data):
     proc = dry_runs["rlp_12b.sh"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "parameters: 12,310,001,152" in proc.stdout and "fits" in proc.stdout
-    _check_srun_line(srun_line(proc.stdout), "rlp_12b.sh", data)
+    _check_srun_line(srun_line(proc.stdout), "rlp_12b.sh", experiment_data)
 
 
 def _check_srun_line(argv: list[str], script: str, data: list[str]) -> None:
@@ -137,8 +128,8 @@ def _check_srun_line(argv: list[str], script: str, data: list[str]) -> None:
     assert any(a == f"--output={run_dir}/rank-%t.log" for a in argv)  # per-job log directory
 
 
-def test_dry_run_rejects_a_bad_config(data):
-    proc = dry_run("rlp_qwen3_1p7b.sh", [*data, "rlp.group_size=1"])
+def test_dry_run_rejects_a_bad_config(experiment_data):
+    proc = dry_run("rlp_qwen3_1p7b.sh", [*experiment_data, "rlp.group_size=1"])
     assert proc.returncode == 2
     assert "config error: rlp.group_size=1 is not allowed" in proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("srun ")

@@ -19,20 +19,12 @@ from nemo_rlp.training.loop import Trainer
 from nemo_rlp.training.schedule import NTP, RLP, step_kind
 from nemo_rlp.training.steps import rlp_step, run_schedule, sample_contexts
 
+from tests.tiny_run import TINY_RUN
+
 REPO = Path(__file__).resolve().parents[2]
 
-# Small and fast: 4 contexts x G=3 thoughts of at most 6 tokens.
-FAST = [
-    "rlp.group_size=3",
-    "rlp.max_thought_len=6",
-    "rlp.contexts_per_step=4",
-    "trainer.ntp_batch_size=4",
-    "data.ntp_seq_len=32",
-    "data.max_context=32",
-    "trainer.schedule.ntp_warmup_steps=0",
-    "logging.tensorboard=false",
-    "logging.show_thoughts=0",
-]
+# Small and fast: 4 contexts x G=3 thoughts of at most 6 tokens, RLP from the first step on.
+FAST = [*TINY_RUN, "trainer.schedule.ntp_warmup_steps=0"]
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

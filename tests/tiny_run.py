@@ -1,0 +1,13 @@
+"""Overrides for a training run small enough for a test: 4 contexts x G=3 thoughts of at most 6
+tokens, NTP batches of 4 x 32 tokens, no TensorBoard and no printed thoughts."""
+
+TINY_RUN = [
+    "rlp.group_size=3",
+    "rlp.max_thought_len=6",
+    "rlp.contexts_per_step=4",
+    "trainer.ntp_batch_size=4",
+    "data.ntp_seq_len=32",
+    "data.max_context=32",
+    "logging.tensorboard=false",
+    "logging.show_thoughts=0",
+]
