@@ -117,14 +117,18 @@ def destroy() -> None:
 def data_parallel_sum(values: list[float]) -> list[float]:
     """Element-wise sum of `values` over the data-parallel ranks (e.g. the global count of thoughts
     from each rank's local count). float64 on the wire: exact for counts."""
+    return _data_parallel_all_reduce(values, torch.distributed.ReduceOp.SUM)
+
+
+def _data_parallel_all_reduce(values: list[float], op) -> list[float]:
     from megatron.core import parallel_state
 
     tensor = torch.tensor(values, dtype=torch.float64)
     group = parallel_state.get_data_parallel_group()
-    if torch.distributed.get_world_size(group) > 1:
+    if values and torch.distributed.get_world_size(group) > 1:
         if cpu_platform.cuda_available():
             tensor = tensor.cuda()
-        torch.distributed.all_reduce(tensor, group=group)
+        torch.distributed.all_reduce(tensor, op=op, group=group)
     return [float(v) for v in tensor.cpu().tolist()]
 
 
@@ -140,25 +144,17 @@ def reduce_metrics(outputs: list[dict]) -> dict[str, float]:
 
 
 def _reduce_over_data_parallel(outputs: list[dict]) -> dict[str, float]:
-    from megatron.core import parallel_state
-
     names = sorted({k for o in outputs for k in o["metrics"] if not k.startswith("_")})
-    weights = [float(o["units"]) for o in outputs]
-    sums = [sum(float(o["metrics"][k]) * w for o, w in zip(outputs, weights)) for k in names
-            if not k.endswith("_max")]
-    maxima = [max(float(o["metrics"][k]) for o in outputs) for k in names if k.endswith("_max")]
-    group = parallel_state.get_data_parallel_group()
-    summed = torch.tensor(sums + [sum(weights)], dtype=torch.float64)
-    peaks = torch.tensor(maxima, dtype=torch.float64)
-    if torch.distributed.get_world_size(group) > 1:
-        if cpu_platform.cuda_available():
-            summed, peaks = summed.cuda(), peaks.cuda()
-        torch.distributed.all_reduce(summed, group=group)
-        if len(maxima):
-            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX, group=group)
-    summed, peaks = summed.cpu().tolist(), peaks.cpu().tolist()
-    total = max(summed[-1], 1.0)
     mean_names = [k for k in names if not k.endswith("_max")]
-    out = {k: v / total for k, v in zip(mean_names, summed[:-1])}
-    out.update(zip([k for k in names if k.endswith("_max")], peaks))
+    max_names = [k for k in names if k.endswith("_max")]
+    weights = [float(o["units"]) for o in outputs]
+    # Weighted sums and the total weight in one all-reduce; maxima in another.
+    *sums, total = data_parallel_sum(
+        [sum(float(o["metrics"][k]) * w for o, w in zip(outputs, weights)) for k in mean_names] + [sum(weights)]
+    )
+    peaks = _data_parallel_all_reduce(
+        [max(float(o["metrics"][k]) for o in outputs) for k in max_names], torch.distributed.ReduceOp.MAX
+    )
+    out = {k: v / max(total, 1.0) for k, v in zip(mean_names, sums)}
+    out.update(zip(max_names, peaks))
     return out

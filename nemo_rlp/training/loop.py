@@ -294,9 +294,7 @@ class Trainer:
         if not rank:
             # Another data-parallel size: the saved streams belong to other ranks. Restart them from
             # seeds that depend on the step, so that they do not replay the first batches.
-            from nemo_rlp.parallel.distributed import data_parallel_rank
-
-            seed = int(np.random.SeedSequence([self.cfg.trainer.seed, self.step, data_parallel_rank()])
+            seed = int(np.random.SeedSequence([self.cfg.trainer.seed, self.step, distributed.data_parallel_rank()])
                        .generate_state(1)[0])
             log.warning(
                 "checkpoint %s was saved with another data-parallel size: data streams restart from new seeds "

@@ -60,15 +60,14 @@ def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], for
         output = module(inputs, positions_like(inputs), None)
         return output, partial(_loss_func, loss)
 
-    widths = {loss.tokens.shape for loss in losses}
-    shape = max(widths)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(losses),
         model=[model.ddp],
         num_microbatches=len(losses),
-        seq_length=shape[1] - 1,
-        micro_batch_size=shape[0],
+        # The largest microbatch (pipeline stages communicate the actual shapes: variable_seq_lengths).
+        seq_length=max(loss.tokens.shape[1] for loss in losses) - 1,
+        micro_batch_size=max(loss.tokens.shape[0] for loss in losses),
         forward_only=forward_only,
     )
 
@@ -187,8 +186,7 @@ def rlp_step(
     metrics = rlp_update(model, batch, s_ema, cfg)
     metrics["end_marker_rate"] = float(batch.end_sampled.float().mean())
     metrics["thought_len_max"] = float(batch.thought_len.max())
-    rewards = (batch.s_pred.view(len(contexts), cfg.group_size) - s_ema[:, None]).cpu()
-    return metrics, batch, rewards
+    return metrics, batch, rewards(batch.s_pred.view(len(contexts), cfg.group_size), s_ema).cpu()
 
 
 def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tensor, cfg: RLPConfig) -> dict[str, float]:
@@ -229,32 +227,33 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
     for minibatch, (contexts_m, global_m) in enumerate(zip(context_splits, global_thoughts)):
         # The sampler check compares θ_old's values: only the first minibatch still runs at θ_old.
         check = minibatch == 0
-        losses = []
         if split_groups:
-            rows_m = np.arange(int(contexts_m[0]) * G, (int(contexts_m[-1]) + 1) * G)
-            for start in range(0, len(rows_m), micro_rows):
-                rows = slice(int(rows_m[start]), int(rows_m[min(start + micro_rows, len(rows_m)) - 1]) + 1)
-                pick = lambda t: None if t is None else t[rows]  # noqa: E731
-                losses.append(
-                    RLPRowLoss(
-                        tokens=batch.tokens[rows], thought_index=index[rows], thought_mask=mask[rows],
-                        advantages=pick(advantages), rewards=pick(row_rewards), logp_old=pick(logp_old),
-                        global_thoughts=int(global_m), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                    )
+            # Any rows: the advantages were computed over whole groups above.
+            first_row, stop_row = int(contexts_m[0]) * G, (int(contexts_m[-1]) + 1) * G
+            losses = [
+                RLPRowLoss(
+                    tokens=batch.tokens[rows], thought_index=index[rows], thought_mask=mask[rows],
+                    advantages=_rows(advantages, rows), rewards=_rows(row_rewards, rows),
+                    logp_old=_rows(logp_old, rows), global_thoughts=int(global_m),
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                 )
-        for micro in ([] if split_groups else np.array_split(contexts_m, max(1, -(-len(contexts_m) * G // micro_rows)))):
-            rows = slice(int(micro[0]) * G, (int(micro[-1]) + 1) * G)
-            pick = lambda t: None if t is None else t[rows]  # noqa: E731
-            losses.append(
+                for rows in _row_slices(first_row, stop_row, micro_rows)
+            ]
+        else:
+            # Whole groups: microbatches of as near equal numbers of contexts as micro_rows allows.
+            groups = np.array_split(contexts_m, max(1, -(-len(contexts_m) * G // micro_rows)))
+            losses = [
                 RLPLoss(
                     tokens=batch.tokens[rows], thought_index=index[rows], thought_mask=mask[rows],
-                    answer_index=batch.answer_index[rows], s_ema=s_ema[int(micro[0]) : int(micro[-1]) + 1],
+                    answer_index=batch.answer_index[rows], s_ema=s_ema[rows.start // G : rows.stop // G],
                     group_size=G, global_thoughts=int(global_m), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                    kl_beta=cfg.kl_beta, logp_old=pick(logp_old), s_pred=pick(s_pred), logp_ref=pick(logp_ref),
+                    kl_beta=cfg.kl_beta, logp_old=_rows(logp_old, rows), s_pred=_rows(s_pred, rows),
+                    logp_ref=_rows(logp_ref, rows),
                     sampler_logp=batch.behaviour_logprobs[rows] if check else None,
                     sampler_s_pred=batch.s_pred[rows] if check else None,
                 )
-            )
+                for rows in (slice(int(g[0]) * G, (int(g[-1]) + 1) * G) for g in groups)
+            ]
         model.zero_grad()
         outputs = run_schedule(model, losses)
         step_metrics = reduce_metrics(outputs)
@@ -273,3 +272,12 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
     if reasons:
         out[SKIP_REASON] = "; ".join(reasons)
     return out
+
+
+def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if tensor is None else tensor[rows]
+
+
+def _row_slices(start: int, stop: int, size: int) -> list[slice]:
+    """[start, stop) in consecutive slices of `size` rows (the last may be shorter)."""
+    return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
