@@ -8,6 +8,8 @@ point and the tests both use it), so a bad value is rejected the same way everyw
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import signal
 from dataclasses import dataclass, field
@@ -84,6 +86,11 @@ class DataConfig:
     positions_per_document: int = 1
     # [low, high]: keep only RLP positions whose no-think log-prob lies in the band. None: off.
     logprob_band: Optional[list[float]] = None
+    # Where RLP thinks: "uniform" (any position, the paper) or "marked": only positions a JSON-lines
+    # corpus marks under `positions_key` (character offsets, nemo_rlp/data/marked.py), e.g. the
+    # answers of the bundled demo corpus.
+    rlp_positions: str = "uniform"
+    positions_key: str = "answers"
 
 
 @dataclass
@@ -121,6 +128,9 @@ class RLPConfig:
     # Where θ_old's log-probs and S_pred come from: the training forward ("recompute", exact on the
     # first step and kernel-consistent) or the rollout pass ("sampler"); see training/steps.py.
     logprob_source: str = "recompute"
+    # The RLP updates' learning rate as a multiple of the scheduled one (trainer.lr); NTP updates use
+    # the schedule as is. 1.0: one learning rate, the paper's setting.
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -174,6 +184,23 @@ class LoggingConfig:
     log_every: int = 1
     # How many sampled thoughts to print (decoded) every `log_every` RLP steps; 0: none.
     show_thoughts: int = 1
+    # At the end: <output_dir>/report/report.md, PNG plots and summary.json (nemo_rlp.training.report).
+    report: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation at marked positions, no thought vs a sampled thought
+    (nemo_rlp.training.evaluate); at the end of the run and, optionally, after the NTP warm-up."""
+
+    enabled: bool = False
+    # A JSON-lines file with marked positions (nemo_rlp/data/marked.py). null: the held-out set
+    # bundled with the demo corpus (only with the bundled corpus and tokenizer).
+    corpus: Optional[str] = None
+    num_positions: int = 256  # the first N marked positions of the file
+    batch_contexts: int = 64  # contexts per forward / rollout batch
+    after_warmup: bool = True  # also evaluate when the NTP warm-up ends (a baseline for RLP's effect)
+    seed: int = 4321  # the thoughts' sampling noise: every evaluation of a run draws the same
 
 
 SIGNAL_NAMES_UNCATCHABLE = ("SIGKILL", "SIGSTOP")
@@ -216,6 +243,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,6 +524,21 @@ def validate(cfg: RunConfig) -> None:
             )
     if len(set(c.signals)) != len(c.signals):
         _fail("checkpoint.signals", c.signals, "each signal at most once")
+
+    # After the data checks above: these are about how the data is used.
+    if d.rlp_positions not in ("uniform", "marked"):
+        _fail("data.rlp_positions", d.rlp_positions, "'uniform' or 'marked'")
+    if d.rlp_positions == "marked" and (d.format != "jsonl" or d.blend):
+        _fail("data.rlp_positions", d.rlp_positions,
+              "'uniform' with this data: marked positions need one JSON-lines corpus (data.format=jsonl, no blend)")
+    if not (r.lr_scale > 0 and math.isfinite(r.lr_scale)):
+        _fail("rlp.lr_scale", r.lr_scale, "a finite number > 0 (1.0: RLP updates use trainer.lr's schedule as is)")
+    e = cfg.eval
+    if e.num_positions < 1 or e.batch_contexts < 1:
+        _fail("eval.num_positions / eval.batch_contexts", (e.num_positions, e.batch_contexts), "integers >= 1")
+    if e.enabled and e.corpus is None and (d.corpus is not None or d.blend or d.tokenizer is not None):
+        _fail("eval.corpus", None, "a JSON-lines file with marked positions (nemo_rlp/data/marked.py): the bundled "
+              "held-out set fits only the bundled corpus and tokenizer. Or turn the evaluation off: eval=none")
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")

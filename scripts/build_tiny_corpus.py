@@ -2,9 +2,9 @@
 """Generate the bundled tiny corpus and train its tokenizer (deterministic: same args, same bytes).
 
     python scripts/build_tiny_corpus.py [--out-dir nemo_rlp/data/assets] [--num-docs N] [--seed S]
-                                        [--vocab-size 512] [--thought-fraction 0.3]
+                                        [--vocab-size 1024] [--thought-fraction 0.8]
 
-Writes ``tiny_corpus.jsonl`` (one {"text": ...} per line) and ``tokenizer.json`` (byte-level BPE with
+Writes ``tiny_corpus.jsonl`` (one {"text", "answers", "tasks"} per line), ``tiny_heldout.jsonl`` and ``tokenizer.json`` (byte-level BPE with
 ``<pad>``, ``<|endoftext|>``, ``<think>``, ``</think>`` as special tokens, ids 0-3). The generator lives in
 ``nemo_rlp.data.synthetic``.
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "nemo_rlp/data/assets")
     parser.add_argument("--num-docs", type=int, default=_DEFAULTS.num_docs)
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--thought-fraction", type=float, default=_DEFAULTS.thought_fraction)
     args = parser.parse_args(argv)
     cfg = CorpusConfig(num_docs=args.num_docs, seed=args.seed, thought_fraction=args.thought_fraction)

@@ -1,7 +1,11 @@
-"""Overrides for a training run small enough for a test: 4 contexts x G=3 thoughts of at most 6
-tokens, NTP batches of 4 x 32 tokens, no TensorBoard and no printed thoughts."""
+"""Overrides for a training run small enough for a test: the tiny model, RLP and trainer groups (not
+the demo's), 4 contexts x G=3 thoughts of at most 6 tokens, NTP batches of 4 x 32 tokens; no
+TensorBoard, printed thoughts, report or held-out evaluation (tests/unit/test_demo.py runs those)."""
 
 TINY_RUN = [
+    "model=tiny_hybrid",
+    "rlp=tiny",
+    "trainer=tiny",
     "rlp.group_size=3",
     "rlp.max_thought_len=6",
     "rlp.contexts_per_step=4",
@@ -10,4 +14,6 @@ TINY_RUN = [
     "data.max_context=32",
     "logging.tensorboard=false",
     "logging.show_thoughts=0",
+    "logging.report=false",
+    "eval=none",
 ]

@@ -207,6 +207,7 @@ class ContextSampler:
         seed: int,
         positions_per_document: int = 1,
         position_filter: PositionFilter | None = None,
+        marks: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if min_context < 1:
             raise ValueError(f"min_context must be >= 1 (a thought needs some context), got {min_context}")
@@ -234,16 +235,48 @@ class ContextSampler:
                 self.num_excluded, len(documents), min_context,
             )
         self._fingerprint = _document_fingerprint(documents)
+        self.marked = marks is not None
+        if marks is not None:
+            self._init_marks(marks, lengths)
         self._rng = np.random.default_rng(seed)
         self.num_sampled = 0
         # Windows returned; windows drawn but dropped by the filter; filter candidates seen and passed.
         self.num_windows = self.num_rejected_windows = self.num_candidates = self.num_passed = 0
 
+    def _init_marks(self, marks: Sequence[Sequence[int]], lengths: np.ndarray) -> None:
+        """Flat arrays of the usable marks (``min_context <= p < len(doc)``), drawn uniformly."""
+        if len(marks) != len(lengths):
+            raise ValueError(f"marks must list positions for each of the {len(lengths)} documents, got {len(marks)}")
+        doc = np.repeat(np.arange(len(marks)), [len(m) for m in marks])
+        pos = np.fromiter((p for m in marks for p in m), dtype=np.int64, count=len(doc))
+        usable = (pos >= self.min_context) & (pos < lengths[doc])
+        self._mark_doc, self._mark_pos = doc[usable], pos[usable]
+        self.num_excluded_marks = int((~usable).sum())
+        if len(self._mark_pos) == 0:
+            raise ValueError(
+                f"none of the {len(pos)} marked positions has min_context={self.min_context} tokens of context "
+                "before it in its document. Lower data.min_context."
+            )
+        if self.num_excluded_marks:
+            logger.warning("ContextSampler: %d of %d marked positions have fewer than min_context=%d tokens "
+                           "before them; they are not drawn", self.num_excluded_marks, len(pos), self.min_context)
+        self._fingerprint = (*self._fingerprint[:2], len(self._mark_pos))
+
     @classmethod
     def from_config(cls, documents: Documents, data_cfg: Any, *, seed: int) -> ContextSampler:
-        """A sampler with ``data.min_context``, ``max_context``, ``positions_per_document`` and
-        ``logprob_band`` (a :class:`LogProbBand` filter, or none) of a :class:`nemo_rlp.config.DataConfig`."""
+        """A sampler with ``data.min_context``, ``max_context``, ``positions_per_document``,
+        ``logprob_band`` (a :class:`LogProbBand` filter, or none) and ``rlp_positions`` (``marked``: the
+        documents' marks, see :mod:`nemo_rlp.data.marked`) of a :class:`nemo_rlp.config.DataConfig`."""
         band = data_cfg.logprob_band
+        marks = None
+        if data_cfg.rlp_positions == "marked":
+            marks = getattr(documents, "marks", None)
+            if marks is None:
+                raise ValueError(
+                    "data.rlp_positions=marked needs documents with marked positions (a JSON-lines corpus "
+                    f"with a {data_cfg.positions_key!r} list per line, see nemo_rlp/data/marked.py); these "
+                    "documents have none. Use data.rlp_positions=uniform."
+                )
         return cls(
             documents,
             min_context=data_cfg.min_context,
@@ -251,6 +284,7 @@ class ContextSampler:
             seed=seed,
             positions_per_document=data_cfg.positions_per_document,
             position_filter=LogProbBand(float(band[0]), float(band[1])) if band else None,
+            marks=marks,
         )
 
     @property
@@ -333,6 +367,8 @@ class ContextSampler:
 
     def _propose(self, count: int) -> list[tuple[int, int, list[int], np.ndarray]]:
         """``count`` (doc_index, start, window tokens, candidate offsets) before any filtering."""
+        if self.marked:
+            return self._propose_marked(count)
         which = self._rng.integers(0, len(self._eligible), size=count)
         lengths = self._eligible_lengths[which]
         if self.positions_per_document == 1:
@@ -351,6 +387,24 @@ class ContextSampler:
             out.append((doc_index, s, _as_list(self.documents[doc_index][s:e]), np.arange(first, e - s)))
         return out
 
+    def _propose_marked(self, count: int) -> list[tuple[int, int, list[int], np.ndarray]]:
+        """Windows that end at a uniformly drawn mark; their candidates are the marks inside them
+        (one, the drawn mark, when ``positions_per_document == 1``)."""
+        which = self._rng.integers(0, len(self._mark_pos), size=count)
+        out = []
+        for m in which.tolist():
+            doc_index, position = int(self._mark_doc[m]), int(self._mark_pos[m])
+            start = max(0, position - self.max_context)
+            if self.positions_per_document == 1:
+                candidates = np.array([position - start])
+            else:
+                lo, hi = np.searchsorted(self._mark_doc, [doc_index, doc_index + 1])  # sorted by document
+                same = self._mark_pos[lo:hi]
+                candidates = same[(same >= start + self.min_context) & (same <= position)] - start
+            tokens = _as_list(self.documents[doc_index][start : position + 1])
+            out.append((doc_index, start, tokens, candidates))
+        return out
+
     def stats(self) -> dict[str, float]:
         """Counters for logging: contexts, windows, and (with a filter) the fraction of positions passing."""
         out = {"contexts": float(self.num_sampled), "windows": float(self.num_windows)}
@@ -365,6 +419,7 @@ class ContextSampler:
             "seed": self.seed,
             "min_context": self.min_context,
             "positions_per_document": self.positions_per_document,
+            "marked": self.marked,
             "num_sampled": self.num_sampled,
             "counters": [self.num_windows, self.num_rejected_windows, self.num_candidates, self.num_passed],
             "documents": list(self._fingerprint),
@@ -373,17 +428,18 @@ class ContextSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; ValueError if it was saved over other documents or other settings."""
+        k = state.get("positions_per_document", 1)
+        if k != self.positions_per_document or state.get("marked", False) != self.marked:
+            raise ValueError(
+                f"ContextSampler state was saved with positions_per_document={k}, marked positions "
+                f"{state.get('marked', False)}, but this sampler has {self.positions_per_document}, "
+                f"{self.marked}; restore with the same data and settings (data.rlp_positions)."
+            )
         if tuple(state["documents"]) != self._fingerprint or state["min_context"] != self.min_context:
             raise ValueError(
                 f"ContextSampler state was saved over documents (count, tokens)={tuple(state['documents'])} "
                 f"with min_context={state['min_context']}, but this sampler has {self._fingerprint} and "
                 f"min_context={self.min_context}; restore with the same data and settings."
-            )
-        k = state.get("positions_per_document", 1)
-        if k != self.positions_per_document:
-            raise ValueError(
-                f"ContextSampler state was saved with positions_per_document={k}, but this sampler has "
-                f"{self.positions_per_document}; restore with the same data and settings."
             )
         self.seed = state["seed"]
         self.num_sampled = state["num_sampled"]

@@ -72,19 +72,29 @@ def iter_texts(path: str | os.PathLike[str], fmt: str = "jsonl", text_key: str =
     """
     if fmt not in ("jsonl", "text"):
         raise ValueError(f"format {fmt!r} has no texts to read; use 'jsonl' or 'text'")
+    if fmt == "jsonl":
+        for _, record in iter_jsonl_records(path, text_key):
+            yield record[text_key]
+        return
+    found = False
+    for _, line in _decoded_lines(Path(path), "a UTF-8 text file with one document per line"):
+        if line.strip():  # blank lines (e.g. a trailing one) carry no document
+            found = True
+            yield line.rstrip("\r\n")
+    if not found:
+        raise ValueError(f"{path} is empty: no non-blank lines found. Expected one document per line.")
+
+
+def iter_jsonl_records(path: str | os.PathLike[str], text_key: str = "text") -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON-lines file whose ``text_key`` holds a
+    string; every other line is an error that names the file, the line and the fix."""
     path = Path(path)
-    if fmt == "text":
-        what = "a UTF-8 text file with one document per line"
-    else:
-        what = f'a JSON-lines file with one {{"{text_key}": "..."}} object per line (the bundled one is {BUNDLED_CORPUS})'
+    what = f'a JSON-lines file with one {{"{text_key}": "..."}} object per line (the bundled one is {BUNDLED_CORPUS})'
     found = False
     for lineno, line in _decoded_lines(path, what):
         if not line.strip():
             continue  # blank lines (e.g. a trailing one) carry no document
         found = True
-        if fmt == "text":
-            yield line.rstrip("\r\n")
-            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -102,16 +112,13 @@ def iter_texts(path: str | os.PathLike[str], fmt: str = "jsonl", text_key: str =
                 f"{path}:{lineno}: no key {text_key!r} (keys present: {sorted(record)}). "
                 "Set text_key to the key that holds the document text."
             )
-        text = record[text_key]
-        if not isinstance(text, str):
+        if not isinstance(record[text_key], str):
             raise ValueError(
-                f"{path}:{lineno}: {text_key!r} holds a {type(text).__name__}, expected a string. "
+                f"{path}:{lineno}: {text_key!r} holds a {type(record[text_key]).__name__}, expected a string. "
                 "Set text_key to the key that holds the document text."
             )
-        yield text
+        yield lineno, record
     if not found:
-        if fmt == "text":
-            raise ValueError(f"{path} is empty: no non-blank lines found. Expected one document per line.")
         raise ValueError(
             f"{path} is empty: no JSON lines found. Expected one {{\"{text_key}\": \"...\"}} object per line."
         )
@@ -241,4 +248,8 @@ def load_documents(data_cfg: Any, tokenizer: Tokenizer) -> Documents:
         pairs = [(float(w), str(p)) for w, p in data_cfg.blend]
         sources = [_load_one(fmt, p, tokenizer, data_cfg.text_key) for _, p in pairs]
         return BlendedDocuments(sources, [w for w, _ in pairs], names=[p for _, p in pairs])
+    if getattr(data_cfg, "rlp_positions", "uniform") == "marked":
+        from nemo_rlp.data.marked import load_marked_jsonl
+
+        return load_marked_jsonl(data_cfg.corpus or BUNDLED_CORPUS, tokenizer, data_cfg.text_key, data_cfg.positions_key)
     return _load_one(fmt, data_cfg.corpus, tokenizer, data_cfg.text_key)

@@ -35,6 +35,7 @@ __all__ = [
     "build_tiny_corpus",
     "generate_documents",
     "iter_documents",
+    "iter_records",
     "write_jsonl",
 ]
 
@@ -42,6 +43,7 @@ CORPUS_FILENAME = "tiny_corpus.jsonl"
 TOKENIZER_FILENAME = "tokenizer.json"
 THINK_START, THINK_END = DEFAULT_SPECIAL_TOKENS[2], DEFAULT_SPECIAL_TOKENS[3]
 _LONGEST_EPISODE_WORDS = 75  # a lookup with four facts stated twice, plus thought (checked in tests)
+_ANSWER_MARK = "\x00"  # marks an answer's start while a document is assembled; never written out
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,10 @@ class CorpusConfig:
 
     num_docs: int = 5000
     seed: int = 1234
-    thought_fraction: float = 0.3  # share of documents that show worked thoughts before their answers
+    thought_fraction: float = 0.8  # share of documents that show worked thoughts before their answers
     min_words: int = 20
     max_words: int = 120
+    heldout: bool = False  # walks start only in HELDOUT_STARTS (else never there)
 
     def __post_init__(self) -> None:
         if self.num_docs < 1:
@@ -84,6 +87,29 @@ _LIST_WORDS = [
 ]
 _COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
 _SYLLABLES = ["ka", "lo", "mi", "ra", "te", "vo", "zu", "ne", "po", "si", "da", "fe", "gu", "ri", "bel", "mar", "tor"]
+def _world_map(seed: int = 2510, size: int = 40) -> tuple[list[str], dict[str, str]]:
+    """A fixed map shared by every document: ``size`` towns on one circular road (each town has one
+    road out and one in, in a random order).
+
+    The same for every corpus seed, so the roads are facts a model can learn by heart (as it learns
+    world knowledge in pretraining), while a walk of several roads has to be composed. One cycle
+    through all towns keeps every walk's end uniform: no town is a likelier answer than another."""
+    rng = random.Random(seed)
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    towns: list[str] = []
+    while len(towns) < size:
+        name = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(2)).capitalize()
+        if name not in towns:
+            towns.append(name)
+    order = rng.sample(towns, size)
+    return towns, {a: b for a, b in zip(order, order[1:] + order[:1])}
+
+
+TOWNS, ROADS = _world_map()
+# Three-road walks from these towns are never asked in the training corpus (two-road walks from them
+# are, and every road is stated): the held-out set asks exactly those, so no answer can be recalled
+# from a memorised walk, while every step of the thought is one the model has written before.
+HELDOUT_STARTS = frozenset(TOWNS[::4])
 _COMPARATIVES = [("taller", "tallest"), ("older", "oldest"), ("faster", "fastest"), ("stronger", "strongest")]
 
 
@@ -93,18 +119,41 @@ _COMPARATIVES = [("taller", "tallest"), ("older", "oldest"), ("faster", "fastest
 class _Episodes:
     """Builds the short episodes a document is made of; each returns text ending with a period."""
 
-    def __init__(self, rng: random.Random, show_thoughts: bool) -> None:
+    def __init__(self, rng: random.Random, show_thoughts: bool, heldout: bool = False) -> None:
         self.rng = rng
         self.show_thoughts = show_thoughts
+        self.heldout = heldout
+        self.mark_answers = True  # set per episode by _document (MARKED_TASKS)
 
     def answer(self, thought: str, answer: str) -> str:
-        """``answer`` (which starts with a space), preceded by ``<think>thought</think>`` if shown."""
+        """``answer`` (which starts with a space), preceded by ``<think>thought</think>`` if shown.
+
+        In a document without thoughts the answer of a marked episode is preceded by
+        :data:`_ANSWER_MARK`, which :func:`_document` turns into the answer's character offset."""
         if self.show_thoughts:
             return f"{THINK_START} {thought}{THINK_END}{answer}"
-        return answer
+        return (_ANSWER_MARK if self.mark_answers else "") + answer
 
     def all(self) -> list[Callable[[], str]]:
-        return [self.story, self.lookup, self.counting, self.sequence, self.arithmetic, self.ordering]
+        return [self.walk, self.story, self.lookup, self.counting, self.sequence, self.arithmetic, self.ordering]
+
+    def walk(self) -> str:
+        """Roads of the fixed world map (facts), or a walk along two or three of them:
+        "Walk 3 roads from Kalo to" and the answer " Mira".
+
+        The thought names the towns one road at a time (" Kalo -> Sune -> Bofa -> Mira"): each step is
+        a road learned by heart and the start is the word right before the thought, while answering
+        without a thought composes the roads in one forward pass (which small models fail to do for
+        walks they have never seen asked: the held-out three-road walks, see HELDOUT_STARTS).
+        """
+        rng = self.rng
+        if rng.random() < 0.3:
+            return " ".join(f"Road: {t} -> {ROADS[t]}." for t in rng.sample(TOWNS, rng.randint(2, 4)))
+        path = [rng.choice(sorted(HELDOUT_STARTS) if self.heldout else TOWNS)]
+        hops = 3 if self.heldout else (2 if path[0] in HELDOUT_STARTS else rng.randint(2, 3))
+        for _ in range(hops):
+            path.append(ROADS[path[-1]])
+        return f"Walk {len(path) - 1} roads from {path[0]} to" + self.answer(" -> ".join(path), f" {path[-1]}") + "."
 
     def story(self) -> str:
         """Multi-step word problem: "Tom has 3 apples. He buys 4 more ... Now Tom has 5 apples."."""
@@ -249,30 +298,64 @@ def _count_words(text: str) -> int:
     return len(text.replace(THINK_START, " ").replace(THINK_END, " ").split())
 
 
-def _document(rng: random.Random, cfg: CorpusConfig) -> str:
-    episodes = _Episodes(rng, show_thoughts=rng.random() < cfg.thought_fraction)
+# How often each episode kind is drawn. Walks and stories are two thirds: their answers are the marked
+# ones (MARKED_TASKS), where a thought computes what a small model cannot in one forward pass (a walk
+# along memorised roads, a running sum). The other kinds are unmarked text around them: their thoughts
+# (counting, two-digit arithmetic, in-context lookups) are beyond a model of the demo's size in minutes.
+MARKED_TASKS = frozenset({"walk", "story"})
+EPISODE_WEIGHTS = {
+    "walk": 5, "story": 5, "lookup": 1, "counting": 1, "sequence": 1, "arithmetic": 1, "ordering": 1,
+}
+
+
+def _document(rng: random.Random, cfg: CorpusConfig) -> dict:
+    """One document: ``{"text": str, "answers": [char offset, ...], "tasks": [episode kind, ...]}``.
+
+    ``answers`` are the offsets of the answers' first characters (the space before the answer word) of
+    the MARKED_TASKS episodes: the RLP positions of the demo and of the held-out evaluation. Only
+    documents without worked thoughts have them; in the others the answer already follows a thought.
+    """
+    episodes = _Episodes(rng, show_thoughts=rng.random() < cfg.thought_fraction, heldout=cfg.heldout)
     kinds = episodes.all()
+    weights = [EPISODE_WEIGHTS[k.__name__] for k in kinds]
     # Skew lengths toward short documents (target mean min + range / 4) to keep the bundled file small.
     target = cfg.min_words + int((cfg.max_words - cfg.min_words) * rng.random() ** 3)
-    parts: list[str] = []
+    parts: list[tuple[str, str]] = []
     words = 0
     while words < target:
-        episode = rng.choice(kinds)()
+        kind = rng.choices(kinds, weights)[0]
+        episodes.mark_answers = kind.__name__ in MARKED_TASKS
+        episode = kind()
         n = _count_words(episode)
         if words + n > cfg.max_words:
             if words >= cfg.min_words:
                 break
             continue  # too long for what is left: draw another (episodes are <= 60 words, so one fits)
-        parts.append(episode)
+        parts.append((kind.__name__, episode))
         words += n
-    return " ".join(parts)
+    text, answers, tasks = "", [], []
+    for name, episode in parts:
+        text += " " if text else ""
+        for piece in episode.split(_ANSWER_MARK)[:-1]:
+            text += piece
+            answers.append(len(text))
+            tasks.append(name)
+        text += episode.split(_ANSWER_MARK)[-1]
+    return {"text": text, "answers": answers, "tasks": tasks}
 
 
-def iter_documents(cfg: CorpusConfig = CorpusConfig()) -> Iterator[str]:
-    """Yield ``cfg.num_docs`` document texts, all drawn from ``random.Random(cfg.seed)``."""
+def iter_records(cfg: CorpusConfig = CorpusConfig()) -> Iterator[dict]:
+    """Yield ``cfg.num_docs`` documents (``{"text", "answers", "tasks"}``, see :func:`_document`), all
+    drawn from ``random.Random(cfg.seed)``."""
     rng = random.Random(cfg.seed)
     for _ in range(cfg.num_docs):
         yield _document(rng, cfg)
+
+
+def iter_documents(cfg: CorpusConfig = CorpusConfig()) -> Iterator[str]:
+    """The texts of :func:`iter_records`."""
+    for record in iter_records(cfg):
+        yield record["text"]
 
 
 def generate_documents(num_docs: int = 5000, seed: int = 1234, thought_fraction: float = 0.3) -> list[str]:
@@ -280,28 +363,40 @@ def generate_documents(num_docs: int = 5000, seed: int = 1234, thought_fraction:
     return list(iter_documents(CorpusConfig(num_docs=num_docs, seed=seed, thought_fraction=thought_fraction)))
 
 
-def write_jsonl(texts: Sequence[str], path: str | os.PathLike[str], text_key: str = "text") -> None:
-    """One ``{"text": ...}`` object per line, UTF-8, ``\\n`` line ends (byte-identical on every OS)."""
+def write_jsonl(records: Sequence[str | dict], path: str | os.PathLike[str], text_key: str = "text") -> None:
+    """One JSON object per line (a text becomes ``{text_key: text}``), UTF-8, ``\\n`` line ends
+    (byte-identical on every OS)."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for text in texts:
-            f.write(json.dumps({text_key: text}, ensure_ascii=False) + "\n")
+        for record in records:
+            f.write(json.dumps({text_key: record} if isinstance(record, str) else record, ensure_ascii=False) + "\n")
+
+
+HELDOUT_FILENAME = "tiny_heldout.jsonl"
+# The held-out worksheets: another seed, no worked thoughts (every answer is marked).
+HELDOUT = CorpusConfig(num_docs=300, seed=98765, thought_fraction=0.0, heldout=True)
 
 
 def build_tiny_corpus(
     out_dir: str | os.PathLike[str],
     cfg: CorpusConfig = CorpusConfig(),
-    vocab_size: int = 512,
+    vocab_size: int = 1024,
+    heldout: CorpusConfig | None = HELDOUT,
 ) -> tuple[Path, Path]:
-    """Write ``tiny_corpus.jsonl`` and a byte-level BPE ``tokenizer.json`` trained on it into ``out_dir``.
+    """Write ``tiny_corpus.jsonl``, a byte-level BPE ``tokenizer.json`` trained on it and (unless
+    ``heldout`` is None) the held-out ``tiny_heldout.jsonl`` into ``out_dir``. Documents are
+    ``{"text", "answers", "tasks"}`` objects (:func:`_document`).
 
-    Returns the two paths. The special tokens ``<pad>``, ``<|endoftext|>``, ``<think>``, ``</think>``
-    get ids 0-3.
+    Returns the paths of the corpus and the tokenizer. The special tokens ``<pad>``, ``<|endoftext|>``,
+    ``<think>``, ``</think>`` get ids 0-3.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    texts = list(iter_documents(cfg))
+    records = list(iter_records(cfg))
     corpus_path, tokenizer_path = out / CORPUS_FILENAME, out / TOKENIZER_FILENAME
-    write_jsonl(texts, corpus_path)
+    write_jsonl(records, corpus_path)
+    if heldout is not None:
+        write_jsonl(list(iter_records(heldout)), out / HELDOUT_FILENAME)
+    texts = [r["text"] for r in records]
     tok = train_byte_level_bpe(texts, vocab_size=vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS)
     tok.save(str(tokenizer_path), pretty=True)
     return corpus_path, tokenizer_path

@@ -63,6 +63,7 @@ class ThoughtBatch:
     # From the sampler's own pass (absent when rows were built otherwise):
     behaviour_logprobs: Optional[torch.Tensor] = None  # fp32 [B*G, U], 0 where not sampled
     s_pred: Optional[torch.Tensor] = None  # fp32 [B*G]: log p(x_t | context, thought)
+    predicted: Optional[torch.Tensor] = None  # long [B*G]: argmax of p(· | context, thought), markers excluded
 
     @property
     def num_contexts(self) -> int:
@@ -88,6 +89,7 @@ class ThoughtBatch:
             group_size=parts[0].group_size,
             behaviour_logprobs=torch.cat([widen(p.behaviour_logprobs, u, 0.0) for p in parts]),
             s_pred=torch.cat([p.s_pred for p in parts]),
+            predicted=torch.cat([p.predicted for p in parts]),
         )
 
     def select_contexts(self, start: int, stop: int) -> "ThoughtBatch":
@@ -99,7 +101,7 @@ class ThoughtBatch:
             tokens=self.tokens[rows], thought_start=self.thought_start[rows], thought_len=self.thought_len[rows],
             end_sampled=self.end_sampled[rows], answer_index=self.answer_index[rows], group_size=self.group_size,
             behaviour_logprobs=None if self.behaviour_logprobs is None else self.behaviour_logprobs[rows, :width],
-            s_pred=pick(self.s_pred),
+            s_pred=pick(self.s_pred), predicted=pick(self.predicted),
         )
 
     def thought_token_index(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +185,7 @@ def _sample(handle, prefixes, targets, params, markers, generator, device) -> Th
     done = torch.zeros(R, dtype=torch.bool, device=device)
     behaviour = torch.zeros(R, L, dtype=torch.float32, device=device)
     s_pred = torch.zeros(R, dtype=torch.float32, device=device)
+    predicted = torch.zeros(R, dtype=torch.long, device=device)
 
     # The rows still being decoded, as indices into the R rows; the cache holds exactly these.
     live = torch.arange(R, device=device)
@@ -211,6 +214,9 @@ def _sample(handle, prefixes, targets, params, markers, generator, device) -> Th
         if answering.any():
             r = rows[answering]
             s_pred[r] = torch.log_softmax(logits[answering], dim=-1).gather(1, target[r, None]).squeeze(1)
+            answer_logits = logits[answering].clone()  # a marker is never an answer
+            answer_logits[:, [markers.think_start, markers.think_end]] = float("-inf")
+            predicted[r] = answer_logits.argmax(dim=-1)
             done[r] = True
         if thinking.any():
             r = rows[thinking]
@@ -246,7 +252,9 @@ def _sample(handle, prefixes, targets, params, markers, generator, device) -> Th
                 tokens[live, : pos + 1], torch.full((len(live),), pos + 1, device=device)
             )
 
-    return _layout_rows(tokens, prompt_len, thought_len, end_sampled, close_pos, target, behaviour, s_pred, G, markers)
+    batch = _layout_rows(tokens, prompt_len, thought_len, end_sampled, close_pos, target, behaviour, s_pred, G, markers)
+    batch.predicted = predicted
+    return batch
 
 
 def _layout_rows(tokens, prompt_len, thought_len, end_sampled, close_pos, target, behaviour, s_pred, G, markers):

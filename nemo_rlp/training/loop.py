@@ -32,7 +32,9 @@ from nemo_rlp.rollout.sampler import Markers
 from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
 from nemo_rlp.training.metrics import MetricsLogger
 from nemo_rlp.training.policy import PolicyWithTeacher
+from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation, load_heldout
 from nemo_rlp.training.preemption import PreemptionHandler
+from nemo_rlp.training.report import first_and_last_fifth, read_metrics, write_report
 from nemo_rlp.training.schedule import NTP, step_kind
 from nemo_rlp.training.steps import SKIP_REASON, ntp_step, rlp_step
 
@@ -62,14 +64,23 @@ class RunSummary:
     checkpoint_dir: str = ""
     resumed_from: str = ""  # the checkpoint this invocation started from ("" : none)
     preempted: Optional[str] = None  # the signal that stopped the run early, if one did
+    # Held-out evaluations by when they ran ("after_warmup", "final"; nemo_rlp.training.evaluate).
+    evaluations: dict = field(default_factory=dict)
+    # Sampled thoughts with their rewards, from the first and from the latest RLP step (for the report).
+    samples_first: list = field(default_factory=list)
+    samples_last: list = field(default_factory=list)
 
     def table(self) -> str:
+        rows = self.rows()
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The summary as (name, value) rows: the console table and the report's."""
+
         def fifths(values: list[float]) -> str:
-            if not values:
-                return "-"
-            k = max(1, len(values) // 5)
-            first, last = sum(values[:k]) / k, sum(values[-k:]) / k
-            return f"{first:+.4f} -> {last:+.4f}"
+            first, last = first_and_last_fifth(values)
+            return "-" if first is None else f"{first:+.4f} -> {last:+.4f}"
 
         rows = [
             ("steps (NTP / RLP)", f"{self.steps} ({self.ntp_steps} / {self.rlp_steps})"),
@@ -84,10 +95,16 @@ class RunSummary:
             ("outputs", self.output_dir),
             ("checkpoints", self.checkpoint_dir + (f" (resumed from {self.resumed_from})" if self.resumed_from else "")),
         ]
+        for when, result in self.evaluations.items():
+            plain, think = result["no_think"], result["with_thought"]
+            rows.append((
+                f"held-out accuracy ({when.replace('_', ' ')})",
+                f"no thought {100 * plain['accuracy']:.1f}%, a sampled thought {100 * think['accuracy']:.1f}% "
+                f"({100 * (think['accuracy'] - plain['accuracy']):+.1f} points, {result['num_positions']} positions)",
+            ))
         if self.preempted:
             rows.append(("stopped by", f"{self.preempted} (checkpoint saved; exit for requeue)"))
-        width = max(len(r[0]) for r in rows)
-        return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+        return rows
 
 
 def _per_rank(total: int, data_parallel: int, rank: int, key: str) -> int:
@@ -132,6 +149,9 @@ class Trainer:
         self.model = PolicyWithTeacher(cfg, vocab_size, layout)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
+
+        # Read (and checked) up front: a bad held-out file should not wait for the end of the run.
+        self.eval_positions = load_heldout(cfg.eval, cfg.data, tokenizer) if cfg.eval.enabled else None
 
         # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
         self._documents = documents
@@ -187,6 +207,10 @@ class Trainer:
             show = cfg.logging.show_thoughts
             if layout.is_main and show and summary.rlp_steps % cfg.logging.log_every == 0:
                 _show_thoughts(self.tokenizer, batch, rewards, show)
+            samples = _samples(self.tokenizer, batch, rewards, self.step, rows=2 * cfg.rlp.group_size)
+            summary.samples_last = samples
+            if not summary.samples_first:
+                summary.samples_first = samples
         self.step += 1
         summary.steps += 1
         self._count_skip(step_metrics)
@@ -239,9 +263,14 @@ class Trainer:
                     kind, step_metrics = self.train_step()
                     if self.step % cfg.logging.log_every == 0 or self.step == cfg.trainer.steps:
                         metrics.log(self.step - 1, kind, step_metrics, time.perf_counter() - t0)
+                    warmup = cfg.trainer.schedule.ntp_warmup_steps
+                    if cfg.eval.after_warmup and self.step == warmup and self.step < cfg.trainer.steps:
+                        self.evaluate("after_warmup")
                     self.checkpointer.poll()
                     if every and self.step % every == 0:
                         self.save()
+                if not self.summary.preempted and "final" not in self.summary.evaluations:
+                    self.evaluate("final")
                 # The end of the run, or a preemption: nothing is saved twice for one step.
                 self.save()
                 self.checkpointer.wait()
@@ -249,7 +278,36 @@ class Trainer:
             metrics.close()
             self.checkpointer.close()
         self.summary.seconds = time.perf_counter() - self.start_time
+        if cfg.logging.report and self.layout.is_main and not self.summary.preempted:
+            self.write_report(metrics)
         return self.summary
+
+    def evaluate(self, when: str) -> Optional[dict]:
+        """The held-out evaluation (all ranks run it), kept in the summary under `when`."""
+        if self.eval_positions is None:
+            return None
+        t0 = time.perf_counter()
+        result = evaluate_answers(
+            self.model.policy, self.eval_positions, self.cfg.rlp, self.markers, self.tokenizer,
+            self.layout.device, seed=self.cfg.eval.seed, batch_contexts=self.cfg.eval.batch_contexts,
+        )
+        result["step"] = self.step
+        self.summary.evaluations[when] = result
+        log.info("%s (step %d, %.1f s)", format_evaluation(result), self.step, time.perf_counter() - t0)
+        return result
+
+    def write_report(self, metrics: MetricsLogger) -> None:
+        """<output_dir>/report/: the summary, the evaluations, plots of the run's metrics, sampled thoughts."""
+        summary = self.summary
+        records = read_metrics(metrics.metrics_path) if metrics.metrics_path.is_file() else []
+        evaluation = summary.evaluations.get("final")
+        if evaluation is not None and "after_warmup" in summary.evaluations:
+            evaluation = {**evaluation, "after_warmup": summary.evaluations["after_warmup"]}
+        path = write_report(
+            self.output_dir, records, summary.samples_first + summary.samples_last, evaluation, summary.rows(),
+            title=f"nemo-rlp run report: {self.cfg.model.name}",
+        )
+        log.info("report: %s", path)
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -312,6 +370,21 @@ class Trainer:
             ) from err
         self.generator.set_state(rank["generator"])
         set_rng_state(rank["rng"], tracker=same_layout)
+
+
+def _samples(tokenizer: Tokenizer, batch, rewards: torch.Tensor, step: int, rows: int) -> list[dict]:
+    """The first `rows` thoughts of a rollout batch, decoded, with their rewards (for the report)."""
+    out = []
+    for row in range(min(rows, batch.tokens.shape[0])):
+        start, length = int(batch.thought_start[row]), int(batch.thought_len[row])
+        out.append({
+            "step": step,
+            "context": tokenizer.decode(batch.tokens[row, max(0, start - 49) : start - 1].tolist()),
+            "thought": tokenizer.decode(batch.tokens[row, start : start + length].tolist()),
+            "target": tokenizer.decode([int(batch.tokens[row, batch.answer_index[row]])]),
+            "reward": float(rewards.view(-1)[row]),
+        })
+    return out
 
 
 def _show_thoughts(tokenizer: Tokenizer, batch, rewards: torch.Tensor, count: int) -> None:

@@ -49,7 +49,7 @@ BAD = [
     (["data.tokenizer=/no/such/tokenizer.json"], "data.tokenizer", "/no/such/tokenizer.json"),
     (["data.format=indexed", "data.corpus=/no/such/prefix"], "data.corpus", "/no/such/prefix"),
     (["data.min_context=0"], "data.min_context", "0"),
-    (["data.max_context=4"], "data.max_context", "4"),
+    (["data.max_context=2"], "data.max_context", "4"),
     # Model and parallel sizes that do not fit the model.
     (["model.max_sequence_length=16"], "model.max_sequence_length", "16"),
     (["model=tiny_gpt", "model.hidden_size=65"], "model.hidden_size", "65"),
