@@ -128,9 +128,11 @@ class RLPConfig:
     # Where θ_old's log-probs and S_pred come from: the training forward ("recompute", exact on the
     # first step and kernel-consistent) or the rollout pass ("sampler"); see training/steps.py.
     logprob_source: str = "recompute"
-    # The RLP updates' learning rate as a multiple of the scheduled one (trainer.lr); NTP updates use
-    # the schedule as is. 1.0: one learning rate, the paper's setting.
-    lr_scale: float = 1.0
+    # Multiplies the RLP gradients before clipping and the optimizer step; NTP gradients are left as
+    # they are. NTP and RLP updates share one optimizer, so this sets RLP's weight in Adam's moments
+    # (a learning-rate factor would not: Adam's momentum carries RLP gradients into the NTP updates
+    # that follow at the full rate). 1.0: the paper's setting.
+    grad_scale: float = 1.0
 
 
 @dataclass
@@ -531,8 +533,8 @@ def validate(cfg: RunConfig) -> None:
     if d.rlp_positions == "marked" and (d.format != "jsonl" or d.blend):
         _fail("data.rlp_positions", d.rlp_positions,
               "'uniform' with this data: marked positions need one JSON-lines corpus (data.format=jsonl, no blend)")
-    if not (r.lr_scale > 0 and math.isfinite(r.lr_scale)):
-        _fail("rlp.lr_scale", r.lr_scale, "a finite number > 0 (1.0: RLP updates use trainer.lr's schedule as is)")
+    if not (r.grad_scale > 0 and math.isfinite(r.grad_scale)):
+        _fail("rlp.grad_scale", r.grad_scale, "a finite number > 0 (1.0: RLP gradients as they are)")
     e = cfg.eval
     if e.num_positions < 1 or e.batch_contexts < 1:
         _fail("eval.num_positions / eval.batch_contexts", (e.num_positions, e.batch_contexts), "integers >= 1")

@@ -7,7 +7,7 @@ A JSON-lines document may carry, besides its text, the character offsets of chos
 ``answers`` (the key is ``data.positions_key``) lists offsets into ``text``; each marks the token that
 starts at (or covers) that character, so the mark of `` 7`` is the offset of its space. ``tasks``
 (optional, one name per answer) groups the marks in evaluation reports. The bundled corpus marks the
-answers of its thought-free documents (``nemo_rlp.data.synthetic``).
+answers that its walks and word problems show without a worked thought (``nemo_rlp.data.synthetic``).
 
 With ``data.rlp_positions: marked`` the RLP contexts are drawn at marked positions only
 (:class:`nemo_rlp.data.sampling.ContextSampler`); the held-out evaluation always scores marked positions

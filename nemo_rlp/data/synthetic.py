@@ -1,10 +1,13 @@
 """Deterministic synthetic corpus in which some next tokens need a small computation.
 
 The bundled tiny corpus (``nemo_rlp/data/assets/tiny_corpus.jsonl``) lets RLP run end to end on a CPU:
-its documents are short "worksheets" whose answers follow from a computation that a thought could do
-(multi-step word problems, in-context lookups, counting, number patterns, two-digit arithmetic,
-orderings). A fraction of documents (``thought_fraction``) show a worked thought right before each
-answer, so plain next-token pretraining already teaches the ``<think> … </think>`` format.
+its documents are short "worksheets" whose answers follow from a computation that a thought could do.
+Two kinds carry the demo (MARKED_TASKS): walks along a fixed map of roads learned by heart, and
+multi-step word problems; the others (in-context lookups, counting, number patterns, two-digit
+arithmetic, orderings) are text around them. A fraction of episodes (``thought_fraction``) show a
+worked thought right before their answer, so plain next-token pretraining already teaches the
+``<think> … </think>`` format; the answers of walks and word problems shown without one are marked
+(``answers``), for RLP and the held-out evaluation (``nemo_rlp.data.marked``).
 
 Thoughts are written the way RLP inserts them at the token level: the marker directly follows the
 context (no space before ``<think>``) and the text after ``</think>`` is exactly the document's
@@ -12,9 +15,9 @@ continuation, e.g. ``"Now Tom has<think> 3 + 4 = 7, 7 - 2 = 5</think> 5 apples."
 byte-level tokenizer the ids of such a document are the ids of the thought-free document with the
 marker/thought ids spliced in before the answer token, which is what a rollout produces.
 
-Everything is drawn from one ``random.Random(seed)``, so a (seed, num_docs, thought_fraction) triple
-always gives the same text; :func:`build_tiny_corpus` also trains the tokenizer and writes both files
-byte-identically on every run.
+Everything is drawn from one ``random.Random(seed)``, so a :class:`CorpusConfig` always gives the same
+text; :func:`build_tiny_corpus` also trains the tokenizer and writes the files byte-identically on
+every run.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class CorpusConfig:
 
     num_docs: int = 5000
     seed: int = 1234
-    thought_fraction: float = 0.8  # share of documents that show worked thoughts before their answers
+    thought_fraction: float = 0.8  # share of episodes that show a worked thought before their answer
     min_words: int = 20
     max_words: int = 120
     heldout: bool = False  # walks start only in HELDOUT_STARTS (else never there)
@@ -313,9 +316,9 @@ def _document(rng: random.Random, cfg: CorpusConfig) -> dict:
 
     ``answers`` are the offsets of the answers' first characters (the space before the answer word) of
     the MARKED_TASKS episodes: the RLP positions of the demo and of the held-out evaluation. Only
-    documents without worked thoughts have them; in the others the answer already follows a thought.
+    episodes without a worked thought have them; in the others the answer already follows a thought.
     """
-    episodes = _Episodes(rng, show_thoughts=rng.random() < cfg.thought_fraction, heldout=cfg.heldout)
+    episodes = _Episodes(rng, show_thoughts=False, heldout=cfg.heldout)
     kinds = episodes.all()
     weights = [EPISODE_WEIGHTS[k.__name__] for k in kinds]
     # Skew lengths toward short documents (target mean min + range / 4) to keep the bundled file small.
@@ -325,6 +328,9 @@ def _document(rng: random.Random, cfg: CorpusConfig) -> dict:
     while words < target:
         kind = rng.choices(kinds, weights)[0]
         episodes.mark_answers = kind.__name__ in MARKED_TASKS
+        # Per episode, so that a reader (the no-think teacher too) cannot tell from the document
+        # whether the next answer comes after a thought.
+        episodes.show_thoughts = rng.random() < cfg.thought_fraction
         episode = kind()
         n = _count_words(episode)
         if words + n > cfg.max_words:

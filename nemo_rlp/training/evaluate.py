@@ -1,7 +1,7 @@
 """Held-out evaluation at marked positions: does a sampled thought help the model predict the answer?
 
 For every marked position t of the held-out documents (``nemo_rlp.data.marked``; the bundled held-out
-set marks the answers of thought-free worksheets) the *same* model, the current policy θ, predicts
+set marks every answer of its walks and word problems) the *same* model, the current policy θ, predicts
 x_t twice:
 
 * without thinking: ``log p_θ(x_t | x_<t)`` and whether ``argmax p_θ(· | x_<t) == x_t``;

@@ -113,22 +113,17 @@ class PolicyWithTeacher:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def optimizer_step(self, metrics: dict | None = None, lr_scale: float = 1.0) -> StepResult:
+    def optimizer_step(self, metrics: dict | None = None, grad_scale: float = 1.0) -> StepResult:
         """Step the optimizer on the finalised gradients, then the learning-rate schedule and the
         EMA; or skip all three when `metrics` (the step's reduced loss and rewards) or the gradients
-        are not finite. `lr_scale` multiplies the scheduled learning rate for this update only."""
+        are not finite. `grad_scale` multiplies the gradients first (before clipping and Adam)."""
         reason = self._nonfinite(metrics)
         if reason is not None:
             return StepResult(updated=False, grad_norm=float("nan"), skip_reason=reason)
-        groups = self.optimizer.param_groups
-        scheduled = [group["lr"] for group in groups]
-        for group in groups:
-            group["lr"] *= lr_scale
-        try:
-            updated, grad_norm, _ = self.optimizer.step()
-        finally:
-            for group, lr in zip(groups, scheduled):
-                group["lr"] = lr
+        if grad_scale != 1.0:
+            grads = [p.main_grad for p in self.language_model.parameters() if getattr(p, "main_grad", None) is not None]
+            torch._foreach_mul_(grads, grad_scale)
+        updated, grad_norm, _ = self.optimizer.step()
         if not updated:  # megatron's fp16 loss scaling found inf/nan in the gradients
             return StepResult(updated=False, grad_norm=float("nan"), skip_reason="the optimizer found inf/nan")
         self.scheduler.step(increment=1)

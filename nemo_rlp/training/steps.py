@@ -257,7 +257,7 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
         model.zero_grad()
         outputs = run_schedule(model, losses)
         step_metrics = reduce_metrics(outputs)
-        result = model.optimizer_step(step_metrics, lr_scale=cfg.lr_scale)
+        result = model.optimizer_step(step_metrics, grad_scale=cfg.grad_scale)
         step_metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
         all_metrics.append(step_metrics)
         if result.skip_reason is not None:

@@ -329,7 +329,10 @@ def test_generated_documents_shape(bundled_texts: list[str]) -> None:
     words = [synthetic._count_words(t) for t in bundled_texts]
     assert 20 <= min(words) and max(words) <= 120
     with_thoughts = [t for t in bundled_texts if "<think>" in t]
-    assert 0.75 < len(with_thoughts) / len(bundled_texts) < 0.85
+    assert len(with_thoughts) / len(bundled_texts) > 0.85  # 80% of episodes show one
+    thoughts = sum(t.count("</think>") for t in bundled_texts)
+    marked = sum(len(json.loads(line)["answers"]) for line in BUNDLED_CORPUS.read_text(encoding="utf-8").splitlines())
+    assert marked < thoughts  # the unmarked kinds' answers are never marked
     for text in with_thoughts:  # markers balanced, never nested, thought non-empty
         assert re.fullmatch(r"(?:[^<]|<(?!/?think>))*(?:<think> [^<]+</think>(?:[^<]|<(?!/?think>))*)+", text)
 

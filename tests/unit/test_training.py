@@ -253,3 +253,16 @@ def test_chunked_rollouts_scoring_and_row_microbatches_run(tmp_path):
     for _ in range(2):
         kind, metrics = run.train_step()
         assert kind == RLP and metrics["updated"] == 1.0 and metrics["thought_len_mean"] >= 1
+
+
+def test_grad_scale_scales_rlp_gradients_before_the_optimizer(trainer):
+    """rlp.grad_scale multiplies the gradients the optimizer (and its clipping) sees, not just a
+    learning rate: it is RLP's weight in the moments Adam shares with NTP."""
+    grads = _rlp_backward(trainer, lambda s: torch.arange(s.numel(), dtype=s.dtype).view_as(s))
+    result = trainer.model.optimizer_step({}, grad_scale=0.25)
+    assert result.updated
+    after = _grads(trainer)
+    assert any(torch.count_nonzero(g) for g in grads.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(after[name], 0.25 * g, msg=name)
+    trainer.model.zero_grad()
