@@ -269,7 +269,7 @@ class ContextSampler:
         documents' marks, see :mod:`nemo_rlp.data.marked`) of a :class:`nemo_rlp.config.DataConfig`."""
         band = data_cfg.logprob_band
         marks = None
-        if data_cfg.rlp_positions == "marked":
+        if getattr(data_cfg, "rlp_positions", "uniform") == "marked":
             marks = getattr(documents, "marks", None)
             if marks is None:
                 raise ValueError(

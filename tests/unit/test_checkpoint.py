@@ -86,7 +86,7 @@ def test_default_directory_is_the_same_for_the_same_command(tmp_path):
     same = load_config(["trainer.steps=50", "logging.log_every=5", "checkpoint.every_steps=7",
                         "parallel.tensor_model_parallel_size=2"])
     assert ckpt.run_id(base) == ckpt.run_id(same)
-    assert ckpt.run_id(base).startswith("tiny_hybrid-")
+    assert ckpt.run_id(base).startswith(f"{base.model.name}-") and base.model.name == "demo_hybrid"
     # ... a change to what is trained does.
     assert ckpt.run_id(base) != ckpt.run_id(load_config(["rlp.group_size=8"]))
     assert ckpt.checkpoint_dir(base, cwd=tmp_path) == tmp_path / "outputs" / "checkpoints" / ckpt.run_id(base)

@@ -38,7 +38,7 @@ BAD = [
     (["trainer.lr_decay_style=step"], "trainer.lr_decay_style", "'step'"),
     (["trainer.lr_decay_steps=0"], "trainer.lr_decay_steps", "0"),
     (["trainer.lr_warmup_steps=-1"], "trainer.lr_warmup_steps", "-1"),
-    (["trainer.steps=10", "trainer.lr_warmup_steps=500"], "trainer.lr_warmup_steps", "500"),
+    (["trainer.steps=10", "trainer.lr_warmup_steps=5000"], "trainer.lr_warmup_steps", "5000"),
     (["trainer.lr=1e-3", "trainer.min_lr=0.01"], "trainer.min_lr", "0.01"),
     (["trainer.adam_beta1=1.0"], "trainer.adam_beta1", "1.0"),
     (["trainer.adam_eps=0"], "trainer.adam_eps", "0"),
@@ -107,7 +107,10 @@ def test_parallel_sizes_that_do_not_divide_the_world_size_are_rejected():
 def test_the_defaults_are_valid():
     cfg = load_config()
     assert cfg.checkpoint.resume == "auto" and cfg.checkpoint.signals == ["SIGTERM", "SIGUSR1"]
-    assert cfg.trainer.lr_decay_style == "constant" and cfg.trainer.max_consecutive_skips >= 1
+    assert cfg.trainer.max_consecutive_skips >= 1
+    # The demo: lr decays over the NTP warm-up; RLP at marked answers, evaluated on held-out ones.
+    assert (cfg.trainer.lr_decay_style, cfg.trainer.lr_decay_steps) == ("linear", cfg.trainer.schedule.ntp_warmup_steps)
+    assert cfg.data.rlp_positions == "marked" and cfg.eval.enabled and cfg.logging.report
 
 
 def test_entry_point_rejects_a_bad_checkpoint_value_before_any_work(tmp_path):

@@ -199,9 +199,9 @@ def test_truncated_bin(prefixes: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_dataset_from_another_tokenizer(tmp_path: Path, tok: Tokenizer) -> None:
-    write_indexed_dataset(tmp_path / "big", [[5, 6, 7], [1000, 3]], vocab_size=2000)
-    with pytest.raises(ValueError, match=r"big\.bin: its first tokens hold token id 1000, outside the tokenizer's "
-                                         r"vocabulary \[0, 512\).*set data.tokenizer"):
+    write_indexed_dataset(tmp_path / "big", [[5, 6, 7], [1500, 3]], vocab_size=2000)
+    with pytest.raises(ValueError, match=r"big\.bin: its first tokens hold token id 1500, outside the tokenizer's "
+                                         r"vocabulary \[0, 1024\).*set data.tokenizer"):
         load_documents(_data_cfg(format="indexed", corpus=str(tmp_path / "big")), tok)
 
 
@@ -317,11 +317,13 @@ def test_load_documents_blend(prefixes: dict[str, str], tok: Tokenizer, tmp_path
     docs = load_documents(cfg, tok)
     assert isinstance(docs, BlendedDocuments) and docs.counts.tolist() == [400, 134]  # 534 = ceil(400 / 0.75)
     assert _ids([docs[400]]) == [[5, 6, 7, 8, 9]]
-    run = load_config(["data.format=indexed", f"data.blend=[[0.75,{prefixes['eod']}],[0.25,{tmp_path / 'small'}]]"])
+    run = load_config(["data.format=indexed", "data.rlp_positions=uniform", "eval=none",
+                       f"data.blend=[[0.75,{prefixes['eod']}],[0.25,{tmp_path / 'small'}]]"])
     assert run.data.blend == [[0.75, prefixes["eod"]], [0.25, str(tmp_path / "small")]]
     with pytest.raises(ConfigError, match=r"data.blend\[1\]=.*nope\.idx does not exist"):
         Path(f"{tmp_path / 'nope'}.bin").write_bytes(b"")
-        load_config(["data.format=indexed", f"data.blend=[[1,{prefixes['eod']}],[1,{tmp_path / 'nope'}]]"])
+        load_config(["data.format=indexed", "data.rlp_positions=uniform", "eval=none",
+                     f"data.blend=[[1,{prefixes['eod']}],[1,{tmp_path / 'nope'}]]"])
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,7 @@ def test_rlp_step_metrics_are_consistent(trainer):
         ("rlp.max_thought_len=-5", "rlp.max_thought_len"),
         ("rlp.ema_decay=1.0", "rlp.ema_decay"),
         ("rlp.temperature=0", "rlp.temperature"),
-        ("data.max_context=4", "data.max_context"),
+        ("data.max_context=2", "data.max_context"),
         ("trainer.steps=0", "trainer.steps"),
         ("trainer.schedule.rlp_per_cycle=0", "trainer.schedule"),
         ("model.max_sequence_length=16", "model.max_sequence_length"),
@@ -197,7 +197,8 @@ def test_entry_point_fails_at_startup_on_bad_override(tmp_path, override, key):
 def test_rlp_steps_with_windows_and_a_position_filter(tmp_path):
     """k positions per document window, scored by one teacher forward, and the log-prob band."""
     cfg = load_config(FAST + ["trainer.steps=2", "trainer.schedule.ntp_per_cycle=0",
-                              "data.positions_per_document=2", "data.logprob_band=[-7.0,-0.5]"])
+                              "data.positions_per_document=2", "data.logprob_band=[-7.0,-0.5]",
+                              "data.rlp_positions=uniform"])
     run = Trainer(cfg, tmp_path)
     for _ in range(2):
         kind, metrics = run.train_step()
