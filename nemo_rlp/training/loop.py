@@ -30,9 +30,9 @@ from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed
 from nemo_rlp.rollout.sampler import Markers
 from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
+from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation, load_heldout
 from nemo_rlp.training.metrics import MetricsLogger
 from nemo_rlp.training.policy import PolicyWithTeacher
-from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation, load_heldout
 from nemo_rlp.training.preemption import PreemptionHandler
 from nemo_rlp.training.report import first_and_last_fifth, read_metrics, write_report
 from nemo_rlp.training.schedule import NTP, step_kind
@@ -205,9 +205,11 @@ class Trainer:
             for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate"):
                 getattr(summary, key).append(step_metrics[key])
             show = cfg.logging.show_thoughts
+            samples = _samples(self.tokenizer, batch, rewards, self.step, rows=max(show, 2 * cfg.rlp.group_size))
             if layout.is_main and show and summary.rlp_steps % cfg.logging.log_every == 0:
-                _show_thoughts(self.tokenizer, batch, rewards, show)
-            samples = _samples(self.tokenizer, batch, rewards, self.step, rows=2 * cfg.rlp.group_size)
+                for sample in samples[:show]:
+                    log.info("  thought: %r -> x_t=%r reward=%+.3f", sample["thought"], sample["target"], sample["reward"])
+            samples = samples[: 2 * cfg.rlp.group_size]
             summary.samples_last = samples
             if not summary.samples_first:
                 summary.samples_first = samples
@@ -269,7 +271,8 @@ class Trainer:
                     self.checkpointer.poll()
                     if every and self.step % every == 0:
                         self.save()
-                if not self.summary.preempted and "final" not in self.summary.evaluations:
+                # Once per final step: a rerun of a finished run keeps it; a longer run redoes it.
+                if not self.summary.preempted and self.summary.evaluations.get("final", {}).get("step") != self.step:
                     self.evaluate("final")
                 # The end of the run, or a preemption: nothing is saved twice for one step.
                 self.save()
@@ -373,7 +376,7 @@ class Trainer:
 
 
 def _samples(tokenizer: Tokenizer, batch, rewards: torch.Tensor, step: int, rows: int) -> list[dict]:
-    """The first `rows` thoughts of a rollout batch, decoded, with their rewards (for the report)."""
+    """The first `rows` thoughts of a rollout batch, decoded, with their rewards (console and report)."""
     out = []
     for row in range(min(rows, batch.tokens.shape[0])):
         start, length = int(batch.thought_start[row]), int(batch.thought_len[row])
@@ -385,13 +388,3 @@ def _samples(tokenizer: Tokenizer, batch, rewards: torch.Tensor, step: int, rows
             "reward": float(rewards.view(-1)[row]),
         })
     return out
-
-
-def _show_thoughts(tokenizer: Tokenizer, batch, rewards: torch.Tensor, count: int) -> None:
-    """Print the first thoughts of the batch with their rewards, so a human sees what is sampled."""
-    for row in range(min(count, batch.tokens.shape[0])):
-        start, length = int(batch.thought_start[row]), int(batch.thought_len[row])
-        thought = tokenizer.decode(batch.tokens[row, start : start + length].tolist())
-        target = tokenizer.decode([int(batch.tokens[row, batch.answer_index[row]])])
-        reward = float(rewards.view(-1)[row])
-        log.info("  thought: %r -> x_t=%r reward=%+.3f", thought, target, reward)

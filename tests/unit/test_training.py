@@ -267,3 +267,18 @@ def test_grad_scale_scales_rlp_gradients_before_the_optimizer(trainer):
     for name, g in grads.items():
         torch.testing.assert_close(after[name], 0.25 * g, msg=name)
     trainer.model.zero_grad()
+
+
+def test_final_evaluation_is_redone_only_when_the_run_goes_on(tmp_path):
+    """A rerun of a finished run keeps its final evaluation; raising trainer.steps evaluates again at
+    the new end; the evaluation after the warm-up survives the resume."""
+    with_eval = [o for o in FAST if o != "eval=none"] + [
+        "eval=heldout", "eval.num_positions=4", "eval.batch_contexts=4", "trainer.schedule.ntp_warmup_steps=1",
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every_steps=0",
+    ]
+    first = Trainer(load_config(with_eval + ["trainer.steps=2"]), tmp_path / "a").train()
+    assert first.evaluations["final"]["step"] == 2 and first.evaluations["after_warmup"]["step"] == 1
+    again = Trainer(load_config(with_eval + ["trainer.steps=2"]), tmp_path / "b").train()
+    assert again.evaluations["final"] == first.evaluations["final"]
+    longer = Trainer(load_config(with_eval + ["trainer.steps=3"]), tmp_path / "c").train()
+    assert longer.evaluations["final"]["step"] == 3 and longer.evaluations["after_warmup"]["step"] == 1
