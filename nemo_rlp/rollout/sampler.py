@@ -136,6 +136,14 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, noise: torch.Ten
     return torch.argmax(probs / noise, dim=-1)
 
 
+def answer_argmax(logits: torch.Tensor, markers: Markers) -> torch.Tensor:
+    """The most likely token that is not a thought marker: a model that would rather think first is
+    asked for its answer now (a marker can never be the answer token)."""
+    logits = logits.clone()
+    logits[:, [markers.think_start, markers.think_end]] = float("-inf")
+    return logits.argmax(dim=-1)
+
+
 def sample_thoughts(
     handle: ModelHandle,
     prefixes: Sequence[Sequence[int]],
@@ -214,9 +222,7 @@ def _sample(handle, prefixes, targets, params, markers, generator, device) -> Th
         if answering.any():
             r = rows[answering]
             s_pred[r] = torch.log_softmax(logits[answering], dim=-1).gather(1, target[r, None]).squeeze(1)
-            answer_logits = logits[answering].clone()  # a marker is never an answer
-            answer_logits[:, [markers.think_start, markers.think_end]] = float("-inf")
-            predicted[r] = answer_logits.argmax(dim=-1)
+            predicted[r] = answer_argmax(logits[answering], markers)
             done[r] = True
         if thinking.any():
             r = rows[thinking]

@@ -30,7 +30,7 @@ import torch
 from nemo_rlp.data.marked import MarkedDocuments, load_marked_jsonl
 from nemo_rlp.data.tokenizer import Tokenizer
 from nemo_rlp.models.handle import ModelHandle
-from nemo_rlp.rollout.sampler import Markers, SamplingParams, sample_thoughts
+from nemo_rlp.rollout.sampler import Markers, SamplingParams, answer_argmax, sample_thoughts
 
 log = logging.getLogger("nemo_rlp")
 
@@ -66,18 +66,10 @@ def load_heldout(eval_cfg: Any, data_cfg: Any, tokenizer: Tokenizer) -> list[Ans
     return positions
 
 
-def answer_argmax(logits: torch.Tensor, markers: Markers) -> torch.Tensor:
-    """The most likely token that is not a thought marker: a model that would rather think first is
-    asked for its answer now (a marker can never be the answer token)."""
-    logits = logits.clone()
-    logits[:, [markers.think_start, markers.think_end]] = float("-inf")
-    return logits.argmax(dim=-1)
-
-
 @torch.no_grad()
 def no_think_scores(handle: ModelHandle, positions: list[AnswerPosition], markers: Markers, device, batch: int):
-    """log p(x_t | x_<t) [n] and the answer argmax [n] (:func:`answer_argmax`), right-padded batches of ``batch`` contexts
-    (a causal model's real tokens never see the padding after them)."""
+    """log p(x_t | x_<t) [n] and the answer argmax [n] (:func:`answer_argmax`), in right-padded batches
+    of ``batch`` contexts (a causal model's real tokens never see the padding after them)."""
     logprobs, predicted = [], []
     for first in range(0, len(positions), batch):
         part = positions[first : first + batch]
@@ -171,8 +163,10 @@ def format_evaluation(result: dict[str, Any]) -> str:
     lines = [
         f"evaluation on {result['num_positions']} held-out answer positions:",
         f"  no thought:        log p(x_t) {plain['logprob']:+.3f}   accuracy {100 * plain['accuracy']:5.1f}%",
-        f"  a sampled thought: log p(x_t) {think['logprob']:+.3f}   accuracy {100 * think['accuracy']:5.1f}%"
-        f"   (thought length {think['thought_len_mean']:.1f}, end marker {think['end_marker_rate']:.2f})",
+        (
+            f"  a sampled thought: log p(x_t) {think['logprob']:+.3f}   accuracy {100 * think['accuracy']:5.1f}%"
+            f"   (thought length {think['thought_len_mean']:.1f}, end marker {think['end_marker_rate']:.2f})"
+        ),
     ]
     for task, t in result["by_task"].items():
         lines.append(f"    {task:<12} n={t['num_positions']:<4} accuracy {100 * t['no_think_accuracy']:5.1f}% -> "
