@@ -230,6 +230,10 @@ class CheckpointConfig:
     # Write the sharded tensors in a background process (megatron-core's async save); the next save,
     # the end of the run or a preemption waits for it.
     async_save: bool = False
+    # A save (or the wait for an async one) that has not finished after this many seconds fails
+    # loudly instead of hanging the run (nemo_rlp.training.checkpoint_writer); a writer process that
+    # dies fails it at once.
+    save_timeout_s: float = 1800.0
     # Signals that ask for a checkpoint at the next step boundary and an exit with the requeue
     # status (nemo_rlp.training.preemption.REQUEUE_EXIT_CODE); Slurm sends SIGTERM on preemption
     # and, with `--signal=USR1@SECONDS`, SIGUSR1 that long before the time limit.
@@ -510,6 +514,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("checkpoint.every_steps", c.every_steps, "an integer >= 0 (0: only at the end and on a signal)")
     if c.keep_last < 1:
         _fail("checkpoint.keep_last", c.keep_last, "an integer >= 1")
+    if not c.save_timeout_s > 0:
+        _fail("checkpoint.save_timeout_s", c.save_timeout_s, "a number of seconds > 0")
     if c.dir is not None and not str(c.dir).strip():
         _fail("checkpoint.dir", c.dir, "null (the default directory) or a non-empty path")
     if c.init_weights is not None and not (Path(c.init_weights) / "dist").is_dir():

@@ -127,8 +127,8 @@ def _is_cuda_device(device: Any) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites a `device="cuda"` keyword to CPU, and drops `pin_memory=True`, on every torch call.
 
-    Torch function modes are per thread: megatron code run from another thread is not redirected
-    (nemo_rlp runs none).
+    Torch function modes are per thread: megatron code run from another thread is redirected only
+    inside `thread_context()` (the checkpoint write, `nemo_rlp.training.checkpoint_writer`).
 
     megatron-core has `device="cuda"` literals inside long functions (the forward-backward
     schedules, the optimizer's bookkeeping buffers); redirecting the keyword is far smaller than
@@ -151,6 +151,12 @@ def _patch_cuda_device_literals() -> None:
     # Entered for the life of the process: the mode sits at the bottom of torch's mode stack.
     _device_mode = _CudaToCpuMode()
     _device_mode.__enter__()
+
+
+def thread_context() -> contextlib.AbstractContextManager:
+    """Enter in a new thread that runs megatron code: the CPU platform's device mode there too (a
+    no-op context where the CPU platform is not installed)."""
+    return _CudaToCpuMode() if _device_mode is not None else contextlib.nullcontext()
 
 
 def _cpu_causal_mask(sq: int) -> torch.Tensor:

@@ -38,6 +38,12 @@ config less the keys that may change between invocations of one run (`VOLATILE_K
 Async save (`checkpoint.async_save`): the tensors are written by megatron-core's async machinery in
 a forked process while training continues; the marker and the rename run when every rank's write has
 finished (checked at each step boundary, and waited for before the next save and at the end).
+
+Bounded writes. No save can hang training: a synchronous write runs under
+`checkpoint_writer.run_bounded` (a writer process that dies fails the save at once, and
+`checkpoint.save_timeout_s` bounds the rest), and waiting for an async write gives up at the same
+deadline. A failed save raises `CheckpointWriteError` naming the cause, removes its `.tmp`
+directory, and leaves the previous complete checkpoint the one a resume picks.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.parallel.distributed import ParallelLayout
+from nemo_rlp.training.checkpoint_writer import CheckpointWriteError, child_pids, kill_children, run_bounded
 
 log = logging.getLogger("nemo_rlp")
 
@@ -278,6 +285,17 @@ def _broadcast(value: Any) -> Any:
     return holder[0]
 
 
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (the same answer on every rank)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    if torch.cuda.is_available():
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _gather(value: Any) -> list[Any]:
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return [value]
@@ -316,6 +334,8 @@ class Checkpointer:
         self.last_saved_step: Optional[int] = None
         self.async_save = cfg.checkpoint.async_save
         self._async_queue = None
+        self._async_writers: set[int] = set()
+        self._async_tmp: Optional[Path] = None
         # megatron-core's torch_dist writer hands its results back through a helper process that it
         # starts at the first save. Started now, with the preemption signals ignored, it inherits
         # SIG_IGN and survives the SIGTERM that Slurm sends to every process of the job step.
@@ -402,17 +422,35 @@ class Checkpointer:
         }
         finalize = lambda: self._finalize(tmp, final, marker, start)  # noqa: E731
 
-        if self._use_async():
+        if self.async_save:
             request = dist_checkpointing.save(state, str(tmp / DIST_DIR), async_sharded_save=True)
             request.finalize_fns.append(finalize)
+            before = child_pids()
             self._queue().schedule_async_request(request)
+            self._async_writers = child_pids() - before
+            self._async_tmp = tmp
             self.last_saved_step = step
             log.info("checkpoint: step %d being written to %s in the background", step, final)
             return final
-        dist_checkpointing.save(state, str(tmp / DIST_DIR))
+        what = f"checkpoint step {step} to {final}"
+        try:
+            run_bounded(lambda: dist_checkpointing.save(state, str(tmp / DIST_DIR)),
+                        self.cfg.checkpoint.save_timeout_s, what)
+        except Exception as error:
+            self._discard(tmp)
+            if isinstance(error, CheckpointWriteError):
+                raise
+            raise CheckpointWriteError(f"{what} failed: {error}") from error
         finalize()
         self.last_saved_step = step
         return final
+
+    def _discard(self, tmp: Path) -> None:
+        """Remove a failed save's `.tmp` directory, so that only complete checkpoints remain."""
+        if self.layout.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.error("checkpoint: the save to %s failed and was removed; the latest complete checkpoint is %s",
+                      tmp, find_latest(self.directory))
 
     def _finalize(self, tmp: Path, final: Path, marker: dict, start: float) -> None:
         """Every rank has written its part: mark complete, rename into place, keep the last k."""
@@ -436,9 +474,6 @@ class Checkpointer:
             )
         _barrier()
 
-    def _use_async(self) -> bool:
-        return bool(self.async_save)
-
     def _queue(self):
         if self._async_queue is None:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -452,9 +487,29 @@ class Checkpointer:
             self._async_queue.maybe_finalize_async_calls(blocking=False)
 
     def wait(self) -> None:
-        """Wait for an async save in flight and finalise it."""
-        if self._async_queue is not None:
-            self._async_queue.maybe_finalize_async_calls(blocking=True)
+        """Wait for an async save in flight and finalise it; give up after
+        `checkpoint.save_timeout_s` (a collective: every rank decides the same)."""
+        queue = self._async_queue
+        if queue is None:
+            return
+        deadline = time.monotonic() + self.cfg.checkpoint.save_timeout_s
+        while queue.get_num_unfinalized_calls():
+            queue.maybe_finalize_async_calls(blocking=False)
+            if not queue.get_num_unfinalized_calls():
+                break
+            if _any_rank(time.monotonic() > deadline):
+                self._abort_async()
+                raise CheckpointWriteError(
+                    f"the background checkpoint write to {self._async_tmp} did not finish within "
+                    f"checkpoint.save_timeout_s={self.cfg.checkpoint.save_timeout_s:g} s; it was killed and the "
+                    "checkpoint was not completed (the previous complete checkpoint is still the one a resume picks)"
+                )
+            time.sleep(0.1)
+
+    def _abort_async(self) -> None:
+        kill_children(self._async_writers)
+        self._async_queue = None
+        self._discard(self._async_tmp)
 
     def close(self) -> None:
         if self._async_queue is not None:

@@ -4,7 +4,8 @@ script turns into a requeue.
 Slurm sends SIGTERM to every task of a job step when it preempts the job (and SIGKILL `KillWait`
 seconds later), and with `#SBATCH --signal=USR1@300` sends SIGUSR1 to the tasks 300 s before the
 time limit (`--signal=B:USR1@300` sends it to the batch shell only, which must then forward it). The
-handlers installed here only record the signal; the training loop asks `requested()` at every step
+handlers installed here only record the first signal (a second one terminates the process at
+once, whatever it is doing); the training loop asks `requested()` at every step
 boundary, saves a checkpoint, and the entry point exits with `REQUEUE_EXIT_CODE`:
 
     srun ... python -m nemo_rlp.train ...; rc=$?
@@ -64,9 +65,15 @@ class PreemptionHandler:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
+            # A second signal must end the process even when this one's save hangs or the main
+            # thread is blocked in a collective (where no Python handler would run): from now on
+            # the kernel's default action (terminate) handles every configured signal.
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_DFL)
             # Logging from a handler is safe enough here: the loop is Python code between steps or
             # inside torch ops, not inside the logging module.
-            log.warning("received %s: saving a checkpoint at the next step boundary, then exiting (requeue)", name)
+            log.warning("received %s: saving a checkpoint at the next step boundary, then exiting (requeue); "
+                        "a second signal ends the process at once", name)
 
     def requested(self, device: torch.device | None = None) -> bool:
         """Whether any rank received a signal: the same answer on every rank (a collective)."""

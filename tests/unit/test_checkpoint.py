@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,122 @@ def test_a_checkpoint_of_another_model_is_rejected_clearly(tmp_path):
     with pytest.raises(ConfigError, match="does not fit this model"):
         Trainer(load_config(FAST + ["trainer.steps=1", "model=tiny_gpt",
                                     f"checkpoint.resume={tmp_path / 'a' / 'checkpoints'}"]), tmp_path / "b")
+
+
+# --------------------------------------------------------------------------------------------------
+# A checkpoint writer that dies or hangs cannot hang training
+# --------------------------------------------------------------------------------------------------
+
+
+def _no_live_writers(before: set[int]) -> bool:
+    """No process that a save forked is still running (killed ones may wait to be reaped)."""
+    import psutil
+
+    for pid in ckpt.child_pids() - before:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def _trainer_with_a_checkpoint(tmp_path, *overrides):
+    trainer = Trainer(load_config(FAST + ["trainer.steps=6", *overrides]), tmp_path)
+    trainer.train_step()
+    trainer.save()  # step 1: the previous complete checkpoint
+    trainer.train_step()
+    return trainer
+
+
+def test_a_writer_process_that_dies_fails_the_save_at_once(tmp_path, monkeypatch):
+    """The hang of a fresh machine without psutil, reproduced: megatron's writer worker raises
+    outside its own error handling (in `_process_memory`) and never reports; the save used to wait
+    on its queue forever."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    trainer = _trainer_with_a_checkpoint(tmp_path)
+    before = ckpt.child_pids()
+
+    def no_psutil():
+        raise RuntimeError("psutil is not installed, please install it with `pip install psutil`")
+
+    monkeypatch.setattr(filesystem_async, "_process_memory", no_psutil)
+    start = time.monotonic()
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"writer process \d+ ended \(exit status 1\)"):
+        trainer.save()  # step 2
+    assert time.monotonic() - start < 30
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]  # the failed save's .tmp is gone
+    assert _no_live_writers(before)
+    monkeypatch.undo()
+    resumed = Trainer(load_config(FAST + ["trainer.steps=6"]), tmp_path)
+    assert resumed.resumed_from == root / "step_0000001" and resumed.step == 1
+
+
+def test_a_stuck_writer_fails_the_save_at_its_deadline(tmp_path, monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    trainer = _trainer_with_a_checkpoint(tmp_path, "checkpoint.save_timeout_s=3")
+    before = ckpt.child_pids()
+    monkeypatch.setattr(filesystem_async, "_process_memory", lambda: time.sleep(3600))
+    start = time.monotonic()
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"did not finish within checkpoint.save_timeout_s=3 s"):
+        trainer.save()
+    assert 3 <= time.monotonic() - start < 30
+    assert _no_live_writers(before)
+    assert ckpt.find_latest(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step_0000001"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_a_second_sigterm_ends_a_run_whose_save_hangs(tmp_path):
+    """The first SIGTERM asks for a preemption save; that save hangs (a writer that never reports,
+    with no deadline in sight); a second SIGTERM must end the process at once."""
+    started = tmp_path / "writer_started"
+    script = f"""
+import time
+from pathlib import Path
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from nemo_rlp.config import load_config
+from nemo_rlp.training.loop import Trainer
+
+def stuck():
+    open({str(started)!r}, "w").close()
+    time.sleep(3600)
+
+filesystem_async._process_memory = stuck
+cfg = load_config({FAST + ["trainer.steps=500", "checkpoint.every_steps=0"]!r})
+trainer = Trainer(cfg, Path({str(tmp_path / "run")!r}))
+real_step = trainer.train_step
+def step():
+    out = real_step()
+    if trainer.step == 2:
+        print("step 2 done", flush=True)
+    return out
+trainer.train_step = step
+trainer.train()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "step 2 done" in line:
+                break
+        proc.send_signal(signal.SIGTERM)  # the first: save, then exit for a requeue
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the preemption save never started"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None  # the save hangs (the writer never reports)
+        proc.send_signal(signal.SIGTERM)  # the second
+        assert proc.wait(timeout=15) == -signal.SIGTERM
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stuck writer, orphaned by design of this test
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 # --------------------------------------------------------------------------------------------------
