@@ -63,7 +63,26 @@ def run_distributed(
     timeout: float = 120.0,
     out_dir: str | os.PathLike | None = None,
 ) -> list[Any]:
-    """Run `fn(*args)` on `world_size` spawned ranks; return the per-rank results, rank order."""
+    """Run `fn(*args)` on `world_size` spawned ranks; return the per-rank results, rank order.
+
+    The free port is found before the ranks bind it, so another process on the machine can take it
+    in between (seen with several test runs at once): such a run is started again, once, on a new
+    port."""
+    try:
+        return _run_once(fn, world_size, args, timeout, out_dir)
+    except ChildProcessError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        return _run_once(fn, world_size, args, timeout, out_dir)
+
+
+def _run_once(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any],
+    timeout: float,
+    out_dir: str | os.PathLike | None,
+) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="dist-test-") as tmp:
         out = Path(out_dir) if out_dir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)

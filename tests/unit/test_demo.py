@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from PIL import Image
 
 from nemo_rlp.training.report import first_and_last_fifth, read_metrics
@@ -33,6 +35,7 @@ SHORTENED = [
 ]
 
 
+@pytest.mark.timeout(1200)  # about 4 minutes alone on 2 cores; far more on a busy machine
 def test_shortened_demo_learns_to_think(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
