@@ -3,6 +3,8 @@
     python bench/rollout.py                      # G=16, L in {64, 256}, context 256, tiny models
     python bench/rollout.py --models tiny_gpt --lengths 64
 
+It runs on the device `nemo_rlp.parallel.distributed` picks: CUDA when available, else the CPU platform.
+
 All three modes run the same sampler (nemo_rlp.rollout.sampler) on the same contexts with the same
 seed, so they decode the same tokens; the table checks that and reports thought tokens per second
 and the speed-up over full recompute, the reference, measured in the same run. The end marker is
@@ -48,11 +50,18 @@ def _drop_end(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def bench_model(name: str, lengths: list[int], group: int, contexts: int, context_len: int, allow_end: bool):
+def _synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: a timer must wait for them.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, lengths: list[int], group: int, contexts: int, context_len: int, allow_end: bool,
+                device: torch.device):
     max_len = max(lengths)
     cfg = load_config([f"model={name}", f"model.max_sequence_length={context_len + max_len + 8}"]).model
     torch.manual_seed(0)
-    module = build_model(cfg, VOCAB, 1, torch.device("cpu"))
+    module = build_model(cfg, VOCAB, 1, device)
     handle = ModelHandle(module) if allow_end else _NoEnd(module)
     g = torch.Generator().manual_seed(0)
     prefixes = [torch.randint(4, VOCAB, (context_len,), generator=g).tolist() for _ in range(contexts)]
@@ -61,15 +70,17 @@ def bench_model(name: str, lengths: list[int], group: int, contexts: int, contex
     for mode in MODES:
         warm = SamplingParams(group_size=2, max_thought_len=4, temperature=0.7, mode=mode)
         sample_thoughts(handle, prefixes[:1], targets[:1], warm, MARKERS, torch.Generator().manual_seed(0),
-                        torch.device("cpu"))
+                        device)
     rows = []
     for L in lengths:
         results = {}
         for mode in MODES:
             params = SamplingParams(group_size=group, max_thought_len=L, temperature=0.7, mode=mode)
+            _synchronize(device)
             start = time.perf_counter()
             batch = sample_thoughts(handle, prefixes, targets, params, MARKERS, torch.Generator().manual_seed(1),
-                                    torch.device("cpu"))
+                                    device)
+            _synchronize(device)
             seconds = time.perf_counter() - start
             results[mode] = (batch, seconds)
         ref_batch, ref_seconds = results["recompute"]
@@ -91,17 +102,20 @@ def main() -> None:
     parser.add_argument("--allow-end", action="store_true")
     args = parser.parse_args()
 
-    distributed.initialize(load_config([]).parallel, seed=0)
+    device = distributed.initialize(load_config([]).parallel, seed=0).device
     available = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml")}
     rows = []
     for name in args.models:
         if name not in available:
             print(f"skipping model {name}: no conf/model/{name}.yaml", file=sys.stderr)
             continue
-        rows += bench_model(name, args.lengths, args.group_size, args.contexts, args.context_len, args.allow_end)
+        rows += bench_model(name, args.lengths, args.group_size, args.contexts, args.context_len, args.allow_end,
+                            device)
 
+    where = (f"CUDA ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else f"CPU ({torch.get_num_threads()} threads)")
     print(f"\nthought rollouts: B={args.contexts} contexts x G={args.group_size}, context {args.context_len} "
-          f"tokens, temperature 0.7, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
+          f"tokens, temperature 0.7, {where}, torch {torch.__version__}")
     header = f"{'model':<12} {'L':>4} {'mode':<15} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'vs recompute':>13} {'same tokens':>12}"
     print(header)
     print("-" * len(header))

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     from megatron.core import dist_checkpointing
 
-    from nemo_rlp.models import build_model, padded_vocab_size
+    from nemo_rlp.models import build_model, build_teacher_model, padded_vocab_size
     from nemo_rlp.parallel import distributed
 
     layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from nemo_rlp.ema import EMATeacher
 
-            teacher = EMATeacher(build_model(cfg.model, vocab, tp, layout.device))
+            teacher = EMATeacher(build_teacher_model(cfg.model, vocab, tp, layout.device))
             teacher.maybe_seed(model)
             teacher_state = teacher.teacher.sharded_state_dict()
             add_prefix_for_sharding(teacher_state, TEACHER_PREFIX)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from nemo_rlp.config import ConfigError, ModelConfig
@@ -37,3 +39,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device:
 
         return build_hybrid(cfg, vocab_size, tensor_parallel, device)
     raise ConfigError(f"model.arch={cfg.arch!r} is not allowed: one of 'gpt', 'hybrid'")
+
+
+def build_teacher_model(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
+    """The EMA teacher's model: the policy's architecture and sharding, in fp32 whatever the
+    policy's dtype (nemo_rlp.ema keeps phi in fp32).
+
+    It is built from an fp32 config, not cast after a bf16 build: megatron casts activations to the
+    config's dtype inside the layers (attention probabilities, Mamba mixer inputs, pipeline
+    buffers), so an fp32 copy of a bf16-config model fails with a dtype mismatch in its forward."""
+    return build_model(dataclasses.replace(cfg, params_dtype="fp32"), vocab_size, tensor_parallel, device)

@@ -228,7 +228,11 @@ def _sample(handle, prefixes, targets, params, markers, generator, device) -> Th
             r = rows[thinking]
             # Which rows think at `pos` depends only on tokens already sampled, never on the mode
             # or the layout, so this draw is the same everywhere.
-            noise = torch.empty(len(r), logits.shape[-1], device=device).exponential_(generator=generator)
+            # Drawn on the generator's device (the trainer's is a CPU generator, and a CUDA tensor
+            # cannot draw from it), then moved: the same noise, so the same thoughts, on any device.
+            # TODO(scale): an H2D copy of [rows, V] per step; a CUDA generator would avoid it.
+            noise = torch.empty(len(r), logits.shape[-1], device=generator.device)
+            noise = noise.exponential_(generator=generator).to(device)
             new = sample_tokens(logits[thinking], params, noise)
             logp = torch.log_softmax(logits[thinking], dim=-1).gather(1, new[:, None]).squeeze(1)
             behaviour[r, thought_len[r]] = logp

@@ -21,7 +21,7 @@ import torch
 
 from nemo_rlp.config import RunConfig, lr_decay_steps
 from nemo_rlp.ema import EMATeacher
-from nemo_rlp.models import build_model
+from nemo_rlp.models import build_model, build_teacher_model
 from nemo_rlp.models.handle import ModelHandle
 from nemo_rlp.parallel.distributed import ParallelLayout
 
@@ -100,7 +100,7 @@ class PolicyWithTeacher:
             use_checkpoint_opt_param_scheduler=False,
             override_opt_param_scheduler=True,
         )
-        teacher_model = build_model(cfg.model, vocab_size, tp, layout.device).float()
+        teacher_model = build_teacher_model(cfg.model, vocab_size, tp, layout.device)
         self.ema = EMATeacher(teacher_model, decay=cfg.rlp.ema_decay)
         self.policy = ModelHandle(self.ddp)
         self.teacher = ModelHandle(teacher_model)
