@@ -403,8 +403,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("rlp.kl_beta", r.kl_beta, "a float >= 0 (0 turns the KL term off)")
     if r.contexts_per_step < 1:
         _fail("rlp.contexts_per_step", r.contexts_per_step, "an integer >= 1")
-    if r.rollout_mode not in ("shared_prefill", "cache", "recompute"):
-        _fail("rlp.rollout_mode", r.rollout_mode, "'shared_prefill', 'cache' or 'recompute'")
+    if r.rollout_mode not in ("rows", "shared_prefill", "cache", "recompute"):
+        _fail("rlp.rollout_mode", r.rollout_mode, "'rows', 'shared_prefill', 'cache' or 'recompute'")
     if r.num_minibatches < 1:
         _fail("rlp.num_minibatches", r.num_minibatches, "an integer >= 1 (paper: 1)")
     if r.num_minibatches > r.contexts_per_step:

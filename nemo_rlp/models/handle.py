@@ -65,10 +65,24 @@ class ModelHandle:
 
         return StaticInferenceContext(max_batch_size=max_batch, max_sequence_length=max_sequence)
 
+    def new_row_cache(self, max_batch: int, max_sequence: int, device: torch.device):
+        """A per-row cache (`nemo_rlp.rollout.row_cache.RowCache`): every row has its own length."""
+        from nemo_rlp.rollout.row_cache import RowCache
+
+        return RowCache(self.language_model, max_batch, max_sequence, device)
+
     @torch.no_grad()
     def cached_logits(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """Feed `tokens` [b, s] at the cache's current offset; full-vocab logits [b, V] for the
-        token after the last one, fp32, identical on every tensor-parallel rank."""
+        token after the last one, fp32, identical on every tensor-parallel rank.
+
+        With a `RowCache` the offset is each row's own length (a decode step feeds its first b
+        rows), or 0 after `cache.prefill_into(rows)` (a prefill of one context into those rows)."""
+        from nemo_rlp.rollout.row_cache import RowCache, row_cached_logits
+
+        if isinstance(cache, RowCache):
+            logits = row_cached_logits(self.module, self.language_model, tokens, cache)
+            return self._share(None if logits is None else _full_vocab(logits), tokens.shape[0])
         offset = cache.sequence_len_offset
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         positions = positions.unsqueeze(0).expand_as(tokens)
@@ -87,12 +101,13 @@ class ModelHandle:
         return pipeline.broadcast_from_last_stage(logits, (rows, self.language_model.vocab_size), torch.float32)
 
     @torch.no_grad()
-    def select_cache_rows(self, cache, index: torch.Tensor) -> None:
+    def select_cache_rows(self, cache, index: torch.Tensor) -> int:
         """Make cache row i a copy of row index[i]: repeat a prefilled context G times
         (index = [0,0,..,1,1,..]) or drop finished rows. len(index) may differ from the batch
-        the cache was filled with, up to the cache's max_batch_size."""
+        the cache was filled with, up to the cache's max_batch_size. Returns the bytes copied."""
         from megatron.core.transformer.attention import Attention
 
+        moved = 0
         for module in self.language_model.modules():
             if isinstance(module, Attention) and module.layer_number in cache.key_value_memory_dict:
                 key, value = cache.key_value_memory_dict[module.layer_number]
@@ -100,6 +115,7 @@ class ModelHandle:
                 rows = len(index)
                 key[:, :rows] = key[:, index]
                 value[:, :rows] = value[:, index]
+                moved += 2 * key[:, :rows].numel() * key.element_size()
             elif _is_mamba_mixer(module) and module.layer_number in cache.key_value_memory_dict:
                 conv_state, ssm_state = cache.key_value_memory_dict[module.layer_number]
                 # Mamba states are sized to the live batch, and megatron re-zeroes them when the
@@ -109,6 +125,8 @@ class ModelHandle:
                     ssm_state[index].contiguous(),
                 )
                 module.cached_batch_size = len(index)
+                moved += (conv_state[index].numel() + ssm_state[index].numel()) * conv_state.element_size()
+        return moved
 
     def train(self, mode: bool = True) -> "ModelHandle":
         self.module.train(mode)

@@ -1,6 +1,7 @@
 """Rollouts under tensor and pipeline parallelism: TP=2 and PP=2 sample the same thoughts, with the
 same behaviour log-probs and S_pred, as TP=1 from the same seed (gloo, CPU).
 
+Every lockstep mode and the `rows` path (each against its own TP=1 reference).
 One launch of two processes: as one TP=2 replica, then, after re-initialising megatron's parallel
 state, as one PP=2 replica, then as two TP=1 replicas (DP=2) that are the reference. All layouts
 start from the same weights (full weights initialised on CPU from one seed and sharded; pipeline
@@ -51,7 +52,7 @@ def _worker(model: str) -> dict:
     out = {}
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=2), SEED)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
-    for mode in ("shared_prefill", "recompute"):
+    for mode in ("shared_prefill", "recompute", "rows"):
         out[("tp2", mode)] = _rollout(2, mode, model)
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
@@ -60,25 +61,31 @@ def _worker(model: str) -> dict:
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(pipeline_model_parallel_size=2), SEED)
     assert parallel_state.get_pipeline_model_parallel_world_size() == 2
-    for mode in ("shared_prefill", "cache", "recompute"):
+    for mode in ("shared_prefill", "cache", "recompute", "rows"):
         out[("pp2", mode)] = _rollout(1, mode, model, weights)
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
-    out[("tp1", "shared_prefill")] = _rollout(1, "shared_prefill", model)
+    for mode in ("shared_prefill", "rows"):
+        out[("tp1", mode)] = _rollout(1, mode, model)
     return out
 
 
 @pytest.mark.parametrize("model", ["tiny_gpt", "tiny_hybrid"])
 def test_tp2_and_pp2_rollouts_equal_tp1(model):
     results = run_distributed(_worker, world_size=2, args=(model,), timeout=240)
-    ref = results[0][("tp1", "shared_prefill")]
+    # The `rows` path draws its noise per decode step rather than per position, so it has its own
+    # TP=1 reference; the lockstep modes share one.
+    refs = {mode: results[0][("tp1", mode)] for mode in ("shared_prefill", "rows")}
+    ref = refs["shared_prefill"]
     for rank, result in enumerate(results):
         # Both TP=1 replicas (a DP pair) and both TP=2 ranks agree with the reference.
         for key, got in result.items():
+            ref = refs["rows" if key[1] == "rows" else "shared_prefill"]
             assert torch.equal(got["tokens"], ref["tokens"]), (rank, key)
             assert torch.equal(got["thought_len"], ref["thought_len"]), (rank, key)
             torch.testing.assert_close(got["behaviour"], ref["behaviour"], atol=1e-4, rtol=0)
             torch.testing.assert_close(got["s_pred"], ref["s_pred"], atol=1e-4, rtol=0)
     # The thoughts are real samples, not a degenerate constant.
-    assert len({tuple(r.tolist()) for r in ref["tokens"]}) > 3
+    for ref in refs.values():
+        assert len({tuple(r.tolist()) for r in ref["tokens"]}) > 3
