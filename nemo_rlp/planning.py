@@ -909,6 +909,7 @@ def format_step_time(plan: Plan, st: StepTime, thoughts: str) -> str:
         advice = (f"; the memory plan fits rlp.rollout_batch_contexts={st.recommended_chunk} "
                   f"({-(-plan.contexts_per_rank // st.recommended_chunk)} chunk(s) per step)"
                   if st.recommended_chunk and st.recommended_chunk > st.chunk else "")
+        advice = advice or "; CUDA graphs (megatron's dynamic engine on GPU) would remove most of the host work"
         lines.append(f"  WARNING: the decode is host-bound ({st.host_step_s * 1e3:.2f} ms host > "
                      f"{st.device_step_s * 1e3:.2f} ms device per step) at {st.chunk} contexts per chunk" + advice)
     elif st.recommended_chunk and st.recommended_chunk > st.chunk:
