@@ -107,7 +107,11 @@ class RowCache:
         """megatron SelfAttention's computation on this cache: (output, bias) like its forward."""
         query, key, value = attention.get_query_key_value_tensors(hidden, None)  # [s, b, heads, dim]
         config = attention.config
-        scale = attention.core_attention.softmax_scale
+        if config.attention_output_gate:
+            raise NotImplementedError("the rows rollout path does not implement attention output gates")
+        # megatron's DotProductAttention keeps its scale; elsewhere (TE) the config's, None meaning
+        # 1/sqrt(head_dim), which is also scaled_dot_product_attention's default.
+        scale = getattr(attention.core_attention, "softmax_scale", None) or config.softmax_scale
         keys, values = self._buffers(attention.layer_number, key, capacity)
         s, b = query.shape[0], query.shape[1]
         if self.prefill_rows is not None:

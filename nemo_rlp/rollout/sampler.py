@@ -40,7 +40,9 @@ import torch
 from nemo_rlp.models.handle import ModelHandle
 
 LOCKSTEP_MODES = ("recompute", "cache", "shared_prefill")
-MODES = LOCKSTEP_MODES + ("rows",)
+MODES = LOCKSTEP_MODES + ("rows",)  # the modes that run anywhere (the CPU tests run them all)
+# megatron's dynamic engine (nemo_rlp.rollout.dynamic_engine): GPU with flash-attn only, not yet run.
+GPU_MODES = ("dynamic",)
 
 # The `rows` path checks on the host (one sync) only every this many decode steps, for the end of
 # the loop and for compaction; in between, finished rows ride along masked.
@@ -203,13 +205,22 @@ def sample_thoughts(
     a row's thought after that many sampled tokens, as L does (benchmarks force thought lengths so);
     `stats`, when given, accumulates the rollout's counters.
     """
-    if params.mode not in MODES:
-        raise ValueError(f"rollout mode {params.mode!r} is not one of {MODES}")
+    if params.mode not in MODES + GPU_MODES:
+        raise ValueError(f"rollout mode {params.mode!r} is not one of {MODES + GPU_MODES}")
+    if params.mode == "dynamic":
+        from nemo_rlp.rollout import dynamic_engine
+
+        if not dynamic_engine.available():
+            raise RuntimeError("rollout mode 'dynamic' needs CUDA and flash-attn >= 2.7.3 (megatron's dynamic "
+                               "inference engine); use 'rows' on this machine")
     was_training = handle.module.training
     handle.eval()
     stats = RolloutStats() if stats is None else stats
     try:
         with torch.no_grad():
+            if params.mode == "dynamic":
+                return dynamic_engine.sample_thoughts_dynamic(handle, prefixes, targets, params, markers, generator,
+                                                              device, thought_caps, stats)
             if params.mode == "rows":
                 from nemo_rlp.parallel.cpu_platform import device_mode_suspended
 
