@@ -77,12 +77,14 @@ class ModelHandle:
         token after the last one, fp32, identical on every tensor-parallel rank.
 
         With a `RowCache` the offset is each row's own length (a decode step feeds its first b
-        rows), or 0 after `cache.prefill_into(rows)` (a prefill of one context into those rows)."""
+        rows), or 0 after `cache.prefill_into(rows)` (a prefill of one context into those rows), and
+        the logits stay on the last pipeline stage (None on the others): the `rows` sampler decides
+        there and sends each row's token and log-probs, not [b, V], to the other stages."""
         from nemo_rlp.rollout.row_cache import RowCache, row_cached_logits
 
         if isinstance(cache, RowCache):
-            logits = row_cached_logits(self.module, self.language_model, tokens, cache)
-            return self._share(None if logits is None else _full_vocab(logits), tokens.shape[0])
+            logits = row_cached_logits(self.language_model, tokens, cache)
+            return None if logits is None else _full_vocab(logits)
         offset = cache.sequence_len_offset
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         positions = positions.unsqueeze(0).expand_as(tokens)
@@ -95,9 +97,9 @@ class ModelHandle:
     def _share(self, logits: torch.Tensor | None, rows: int) -> torch.Tensor:
         """The last stage's full-vocabulary logits [rows, V] on every pipeline stage.
 
-        TODO(scale): broadcasting [rows, V] per decoding step is fine for tests and small vocabularies;
-        at B*G = 8192 rows x 131k vocabulary it is 4 GB per step. The fix is to sample on the last
-        stage and broadcast only each row's token and two log-probs."""
+        Broadcasting [rows, V] per decoding step is fine for tests and small vocabularies; at B*G =
+        8192 rows x 131k vocabulary it is 4 GB per step. The lockstep modes still do; the `rows` path
+        samples on the last stage and broadcasts each row's token and log-probs only."""
         return pipeline.broadcast_from_last_stage(logits, (rows, self.language_model.vocab_size), torch.float32)
 
     @torch.no_grad()

@@ -192,8 +192,7 @@ def _store_mamba_prefill(cache: RowCache, layer: int, states: tuple) -> None:
 
 
 @torch.no_grad()
-def row_cached_logits(module: torch.nn.Module, language_model: torch.nn.Module, tokens: torch.Tensor,
-                      cache: RowCache) -> Optional[torch.Tensor]:
+def row_cached_logits(language_model: torch.nn.Module, tokens: torch.Tensor, cache: RowCache) -> Optional[torch.Tensor]:
     """Feed `tokens` [b, s] (a prefill of one context: b = 1; a decode step: s = 1 for the cache's
     first b rows) and return this replica's vocabulary-sharded logits [b, V/TP] for the token after
     the last one, on the last pipeline stage (None on the others)."""

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 from nemo_rlp.models.handle import ModelHandle
+from nemo_rlp.parallel import pipeline
 
 LOCKSTEP_MODES = ("recompute", "cache", "shared_prefill")
 MODES = LOCKSTEP_MODES + ("rows",)  # the modes that run anywhere (the CPU tests run them all)
@@ -356,16 +357,18 @@ def _sample_rows(handle, prefixes, targets, params, markers, generator, device, 
         prefixes, targets, params, markers, device, thought_caps)
     state = _RowState(R, params.max_thought_len, device)
     cache = handle.new_row_cache(R, max_positions, device)
-    logits = []
+    logits = []  # on the last pipeline stage only (None elsewhere)
     for b, prompt in enumerate(prompts):
         rows = torch.arange(b * G, (b + 1) * G, device=device)
         logits.append(handle.cached_logits(tokens[b * G : b * G + 1, : len(prompt)], cache.prefill_into(rows)))
-    logits = torch.cat(logits).repeat_interleave(G, dim=0)
+    logits = None if logits[0] is None else torch.cat(logits).repeat_interleave(G, dim=0)
 
     live = torch.arange(R, device=device)  # cache row i holds row live[i]
     last_step = (int(caps.max()) if thought_caps is not None else params.max_thought_len) + 1
     for step in range(last_step + 1):
-        state.decide(step, live, logits, tokens, prompt_len, caps, target, params, markers, generator)
+        decided = None if logits is None else state.decisions(live, logits, target, params, markers, generator)
+        decided = pipeline.broadcast_from_last_stage(decided, (4, len(live)), torch.float64)
+        state.apply(step, live, decided, tokens, prompt_len, caps, markers)
         if step == last_step:
             break  # every row has answered by now: its end marker came at thought index <= cap
         if (step + 1) % CHECK_EVERY == 0:
@@ -406,27 +409,35 @@ class _RowState:
         self.predicted = torch.zeros(rows, dtype=torch.long, device=device)
         self.live_rows = torch.zeros((), dtype=torch.long, device=device)
 
-    def decide(self, step, rows, logits, tokens, prompt_len, caps, target, params, markers, generator):
-        """Step `step` of rows `rows`: `logits` predict each row's thought token `step`."""
-        closed, done = self.closed[rows], self.done[rows]
-        answering = closed & ~done  # the step after the end marker scores x_t
-        pending_end = ~closed & (self.thought_len[rows] == caps[rows])
-        thinking = ~closed & ~pending_end
+    def decisions(self, rows, logits, target, params, markers, generator) -> torch.Tensor:
+        """What the logits decide for each row, as one fp64 [4, rows] tensor (exact for token ids and
+        fp32 log-probs): the sampled token, its behaviour log-prob, log p(x_t) and the answer argmax.
+        Computed where the logits are (the last pipeline stage); only this crosses stages."""
         logprobs = torch.log_softmax(logits, dim=-1)
         s_pred = logprobs.gather(1, target[rows, None]).squeeze(1)
-        self.s_pred[rows] = torch.where(answering, s_pred, self.s_pred[rows])
-        self.predicted[rows] = torch.where(answering, answer_argmax(logits, markers), self.predicted[rows])
+        predicted = answer_argmax(logits, markers)
         # Noise for every row of the batch, finished or not: the draw depends only on the batch's
         # size, which every rank of a replica decides identically.
         noise = torch.empty_like(logits).exponential_(generator=generator)
         new = sample_tokens(logits, params, noise)
-        column = min(step, self.behaviour.shape[1] - 1)
         chosen = logprobs.gather(1, new[:, None]).squeeze(1)
+        return torch.stack([new.double(), chosen.double(), s_pred.double(), predicted.double()])
+
+    def apply(self, step, rows, decided, tokens, prompt_len, caps, markers) -> None:
+        """Step `step` of rows `rows` with the `decisions` of their logits (thought token `step`)."""
+        new, chosen, s_pred, predicted = decided[0].long(), decided[1].float(), decided[2].float(), decided[3].long()
+        closed, done = self.closed[rows], self.done[rows]
+        answering = closed & ~done  # the step after the end marker scores x_t
+        pending_end = ~closed & (self.thought_len[rows] == caps[rows])
+        thinking = ~closed & ~pending_end
+        self.s_pred[rows] = torch.where(answering, s_pred, self.s_pred[rows])
+        self.predicted[rows] = torch.where(answering, predicted, self.predicted[rows])
+        column = min(step, self.behaviour.shape[1] - 1)
         self.behaviour[rows, column] = torch.where(thinking, chosen, self.behaviour[rows, column])
         position = prompt_len[rows] + step
-        decided = torch.where(pending_end, torch.full_like(new, markers.think_end), new)
+        token = torch.where(pending_end, torch.full_like(new, markers.think_end), new)
         writes = thinking | pending_end
-        tokens[rows, position] = torch.where(writes, decided, tokens[rows, position])
+        tokens[rows, position] = torch.where(writes, token, tokens[rows, position])
         self.thought_len[rows] += thinking.long()
         is_end = thinking & (new == markers.think_end)
         self.end_sampled[rows] |= is_end
