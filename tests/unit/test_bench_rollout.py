@@ -31,7 +31,7 @@ def test_mixed_bench_runs_every_implementation_and_ends_with_the_summary_line(ca
     args = type("Args", (), dict(model="tiny_gpt", contexts=2, max_context=40, group_size=4, length=8, repeats=1))
     rollout.print_mixed(args, median, counters, caps)
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    peer = r"[0-9.]+x" if "hf-generate" in median else re.escape("n/a (no transformers)")
+    peer = r"[0-9.]+x" if "hf-generate" in median else re.escape("n/a (no peer)")
     assert re.fullmatch(rf"mixed G=4: new path [0-9.]+x lockstep, {peer} hf-generate", last), last
 
 
