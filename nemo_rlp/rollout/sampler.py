@@ -272,6 +272,7 @@ def _sample(handle, prefixes, targets, params, markers, generator, device, thoug
 
     # The rows still being decoded, as indices into the R rows; the cache holds exactly these.
     live = torch.arange(R, device=device)
+    context_fed = torch.zeros((), dtype=torch.long, device=device)
     cache = None
     if params.mode == "shared_prefill":
         cache = handle.new_cache(R, max_positions)
@@ -331,7 +332,7 @@ def _sample(handle, prefixes, targets, params, markers, generator, device, thoug
         stats.decode_steps += 1
         stats.row_steps += len(live)
         stats.live_row_steps += len(live)
-        stats.context_tokens_decoded += int((pos < prompt_len[live]).sum())
+        context_fed += (pos < prompt_len[live]).sum()  # read once at the end: no extra sync per step
         if cache is not None:
             logits = handle.cached_logits(tokens[live, pos : pos + 1], cache)
         else:
@@ -339,6 +340,7 @@ def _sample(handle, prefixes, targets, params, markers, generator, device, thoug
                 tokens[live, : pos + 1], torch.full((len(live),), pos + 1, device=device)
             )
 
+    stats.context_tokens_decoded += int(context_fed)
     stats.generated_tokens += int(thought_len.sum())
     batch = _layout_rows(tokens, prompt_len, thought_len, end_sampled, close_pos, target, behaviour, s_pred, G, markers)
     batch.predicted = predicted
