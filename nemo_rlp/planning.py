@@ -703,8 +703,10 @@ def format_plan(plan: Plan) -> str:
 #   s tokens, / TP, at PREFILL_EFFICIENCY of peak.
 # - rollout decode: per the whole schedule, max(FLOPs / peak, bytes / (HBM * DECODE_BW_EFFICIENCY))
 #   with FLOPs = 2N * rows computed / TP and bytes = decode steps * W / TP (weights read every step)
-#   + attended positions * kv + rows computed * 2 * st (states read and written) + rows computed * V
-#   * SAMPLING_BYTES_PER_ROW_AND_VOCAB (full-vocabulary fp32 sampling on every TP rank); plus, with TP
+#   + attended positions * kv + rows computed * 2 * st (states read and written) + rows computed *
+#   sampling bytes: V * SAMPLING_BYTES_PER_ROW_AND_VOCAB for the lockstep path (full-vocabulary fp32
+#   sampling on every TP rank), V * 4 (the noise, drawn whole on every rank) + V / TP * (that - 4)
+#   for `rows` (sampling on the rank's vocabulary shard); plus, with TP
 #   > 1, decode steps * all-reduces per step * TP_ALLREDUCE_S (two per attention+MLP, one per Mamba
 #   layer: latency-bound at decode sizes).
 # - cache traffic: 2 * (compaction cells * kv + compaction rows * st) (read and write), plus for the
@@ -815,8 +817,12 @@ def plan_step_time(plan: Plan, accelerator: str, thoughts: str = "full", host_wo
     prefill = (2 * N * sched.prefill_tokens + attn_flops * sched.prefill_square) / tp
     prefill_floor = (2 * N * ideal.prefill_tokens + attn_flops * ideal.prefill_square) / tp / acc.flops
     decode_flops = (2 * N * sched.row_steps + 2 * attn_flops * sched.attended_cells) / tp
+    # Lockstep: every TP rank samples on the full-vocabulary fp32 logits; rows: on its V/TP shard
+    # (nemo_rlp.rollout.vocab_shard), but each rank still draws the whole vocabulary's noise.
+    sampling = V * SAMPLING_BYTES_PER_ROW_AND_VOCAB if r.rollout_mode == "shared_prefill" \
+        else V * 4 + V / tp * (SAMPLING_BYTES_PER_ROW_AND_VOCAB - 4)
     decode_bytes = (sched.decode_steps * weights + sched.attended_cells * kv + sched.row_steps * 2 * states
-                    + sched.row_steps * V * SAMPLING_BYTES_PER_ROW_AND_VOCAB)
+                    + sched.row_steps * sampling)
     decode = max(decode_flops / acc.flops, decode_bytes / bw)
     decode += sched.decode_steps * _allreduces_per_step(kinds, tp) * TP_ALLREDUCE_S
     useful_rows = int((thought_lens + 1).sum())

@@ -78,13 +78,14 @@ class ModelHandle:
 
         With a `RowCache` the offset is each row's own length (a decode step feeds its first b
         rows), or 0 after `cache.prefill_into(rows)` (a prefill of one context into those rows), and
-        the logits stay on the last pipeline stage (None on the others): the `rows` sampler decides
-        there and sends each row's token and log-probs, not [b, V], to the other stages."""
+        the logits are this tensor-parallel rank's vocabulary shard [b, V/TP] (the whole vocabulary
+        at TP=1), on the last pipeline stage only (None on the others): the `rows` sampler decides on
+        the shards (nemo_rlp.rollout.vocab_shard) and sends each row's token and log-probs, not
+        [b, V], to the other stages."""
         from nemo_rlp.rollout.row_cache import RowCache, row_cached_logits
 
         if isinstance(cache, RowCache):
-            logits = row_cached_logits(self.language_model, tokens, cache)
-            return None if logits is None else _full_vocab(logits)
+            return row_cached_logits(self.language_model, tokens, cache)
         offset = cache.sequence_len_offset
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         positions = positions.unsqueeze(0).expand_as(tokens)

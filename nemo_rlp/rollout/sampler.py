@@ -412,18 +412,15 @@ class _RowState:
         self.live_rows = torch.zeros((), dtype=torch.long, device=device)
 
     def decisions(self, rows, logits, target, params, markers, generator) -> torch.Tensor:
-        """What the logits decide for each row, as one fp64 [4, rows] tensor (exact for token ids and
-        fp32 log-probs): the sampled token, its behaviour log-prob, log p(x_t) and the answer argmax.
-        Computed where the logits are (the last pipeline stage); only this crosses stages."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        s_pred = logprobs.gather(1, target[rows, None]).squeeze(1)
-        predicted = answer_argmax(logits, markers)
-        # Noise for every row of the batch, finished or not: the draw depends only on the batch's
-        # size, which every rank of a replica decides identically.
-        noise = torch.empty_like(logits).exponential_(generator=generator)
-        new = sample_tokens(logits, params, noise)
-        chosen = logprobs.gather(1, new[:, None]).squeeze(1)
-        return torch.stack([new.double(), chosen.double(), s_pred.double(), predicted.double()])
+        """What this TP rank's vocabulary shard of the logits decides for each row, as one fp64
+        [4, rows] tensor (exact for token ids and fp32 log-probs): the sampled token, its behaviour
+        log-prob, log p(x_t) and the answer argmax (nemo_rlp.rollout.vocab_shard). Computed where the
+        logits are (the last pipeline stage); only this crosses stages. Noise is drawn for every row
+        of the batch, finished or not: the draw depends only on the batch's size, which every rank
+        of a replica decides identically."""
+        from nemo_rlp.rollout.vocab_shard import decide
+
+        return decide(logits, target[rows], params, markers, generator)
 
     def apply(self, step, rows, decided, tokens, prompt_len, caps, markers) -> None:
         """Step `step` of rows `rows` with the `decisions` of their logits (thought token `step`)."""

@@ -22,7 +22,7 @@ SEED = 77
 VOCAB = 256
 
 
-def _rollout(tensor_parallel: int, mode: str, model: str, weights=None):
+def _rollout(tensor_parallel: int, mode: str, model: str, weights=None, top_k: int = 0):
     from nemo_rlp.config import load_config
     from nemo_rlp.models import build_model
     from nemo_rlp.models.handle import ModelHandle
@@ -36,7 +36,7 @@ def _rollout(tensor_parallel: int, mode: str, model: str, weights=None):
     handle = ModelHandle(module)
     g = torch.Generator().manual_seed(0)
     prefixes = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (6, 13, 9)]
-    params = SamplingParams(group_size=4, max_thought_len=10, temperature=1.0, mode=mode)
+    params = SamplingParams(group_size=4, max_thought_len=10, temperature=1.0, mode=mode, top_k=top_k)
     batch = sample_thoughts(handle, prefixes, [5, 6, 7], params, Markers(2, 3, 0),
                             torch.Generator().manual_seed(SEED), torch.device("cpu"))
     return {"tokens": batch.tokens, "behaviour": batch.behaviour_logprobs, "s_pred": batch.s_pred,
@@ -54,6 +54,8 @@ def _worker(model: str) -> dict:
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
     for mode in ("shared_prefill", "recompute", "rows"):
         out[("tp2", mode)] = _rollout(2, mode, model)
+    # The rows path samples on vocabulary shards; with top-k it gathers them first.
+    out[("tp2", "rows_top_k")] = _rollout(2, "rows", model, top_k=20)
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
     torch.manual_seed(SEED)
@@ -68,6 +70,7 @@ def _worker(model: str) -> dict:
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
     for mode in ("shared_prefill", "rows"):
         out[("tp1", mode)] = _rollout(1, mode, model)
+    out[("tp1", "rows_top_k")] = _rollout(1, "rows", model, top_k=20)
     return out
 
 
@@ -76,12 +79,12 @@ def test_tp2_and_pp2_rollouts_equal_tp1(model):
     results = run_distributed(_worker, world_size=2, args=(model,), timeout=240)
     # The `rows` path draws its noise per decode step rather than per position, so it has its own
     # TP=1 reference; the lockstep modes share one.
-    refs = {mode: results[0][("tp1", mode)] for mode in ("shared_prefill", "rows")}
+    refs = {mode: results[0][("tp1", mode)] for mode in ("shared_prefill", "rows", "rows_top_k")}
     ref = refs["shared_prefill"]
     for rank, result in enumerate(results):
         # Both TP=1 replicas (a DP pair) and both TP=2 ranks agree with the reference.
         for key, got in result.items():
-            ref = refs["rows" if key[1] == "rows" else "shared_prefill"]
+            ref = refs[key[1] if key[1].startswith("rows") else "shared_prefill"]
             assert torch.equal(got["tokens"], ref["tokens"]), (rank, key)
             assert torch.equal(got["thought_len"], ref["thought_len"]), (rank, key)
             torch.testing.assert_close(got["behaviour"], ref["behaviour"], atol=1e-4, rtol=0)
