@@ -110,8 +110,10 @@ class RLPConfig:
     contexts_per_step: int = 512  # B
     think_start: str = "<think>"
     think_end: str = "</think>"
-    # How thoughts are decoded (nemo_rlp.rollout.sampler): one cached prefill per context shared
-    # by its G thoughts (default), a cached prefill per thought, or no cache at all (reference).
+    # How thoughts are decoded (nemo_rlp.rollout.sampler): `rows` (every context prefilled once at its
+    # own length, per-row positions), the lockstep modes: one cached prefill per context shared by its
+    # G thoughts (`shared_prefill`, the default), a cached prefill per thought, or no cache at all
+    # (reference); `dynamic`: megatron's dynamic engine (GPU only, not yet run).
     rollout_mode: str = "shared_prefill"
     # Optimizer steps per rollout batch (the clipped surrogate's reason to exist); paper: 1.
     num_minibatches: int = 1
@@ -403,8 +405,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("rlp.kl_beta", r.kl_beta, "a float >= 0 (0 turns the KL term off)")
     if r.contexts_per_step < 1:
         _fail("rlp.contexts_per_step", r.contexts_per_step, "an integer >= 1")
-    if r.rollout_mode not in ("shared_prefill", "cache", "recompute"):
-        _fail("rlp.rollout_mode", r.rollout_mode, "'shared_prefill', 'cache' or 'recompute'")
+    if r.rollout_mode not in ("rows", "shared_prefill", "cache", "recompute", "dynamic"):
+        _fail("rlp.rollout_mode", r.rollout_mode, "'rows', 'shared_prefill', 'cache', 'recompute' or 'dynamic' (GPU)")
     if r.num_minibatches < 1:
         _fail("rlp.num_minibatches", r.num_minibatches, "an integer >= 1 (paper: 1)")
     if r.num_minibatches > r.contexts_per_step:

@@ -2,6 +2,11 @@
 
     python -m nemo_rlp.plan rlp_qwen3_1p7b --nodes 8 data.corpus=/data/corpus data.tokenizer=tok.json
     python -m nemo_rlp.plan none                 # the base config (the tiny CPU default)
+    python -m nemo_rlp.plan rlp_qwen3_1p7b --nodes 8 --time h100 data.corpus=... data.tokenizer=...
+
+`--time h100|h200` adds seconds per phase of one RLP step next to the roofline floor of the same
+work, from the sampler's replayed schedule and host work measured on CPU (`nemo_rlp.planning`,
+section "Time per RLP step"); it warns when the rollout decode is host-bound.
 
 EXPERIMENT names a file in conf/experiment/ (`none`: the base config alone). The overrides are the
 same Hydra overrides the training entry point takes, and the config is validated the same way. It
@@ -37,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         "--reserve-gib", type=float, default=6.0,
         help="kept free for the CUDA context, NCCL, TE workspaces and fragmentation (default 6)",
     )
+    parser.add_argument("--time", choices=["h100", "h200"], default=None,
+                        help="also print seconds per phase of one RLP step on this GPU")
+    parser.add_argument("--thoughts", choices=["full", "geometric"], default="full",
+                        help="--time: every thought runs to L (worst case, default), or truncated-geometric "
+                        "lengths with a quarter reaching L")
     parser.add_argument(
         "--what-if", action="append", default=[], metavar="KEY=VALUE",
         help="plan a change the trainer does not make today: " + ", ".join(_WHAT_IF_KEYS)
@@ -129,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.time:
+        from nemo_rlp.planning import format_step_time, plan_step_time
+
+        try:
+            step_time = plan_step_time(plan, args.time, args.thoughts)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
+        print(format_step_time(plan, step_time, args.thoughts), end="\n\n")
     print(plan.table(), flush=True)  # its last line: "fits", or why not and what would shrink it
     return 0 if plan.fits else 1
 

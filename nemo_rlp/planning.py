@@ -472,7 +472,8 @@ def make_plan(
         else:
             cache = n_attn * kv_layer + n_mamba * ssm_layer
             copy = max(kv_layer / 2 if n_attn else 0.0, ssm_layer if n_mamba else 0.0)
-            prefill_tokens = (roll_contexts if r.rollout_mode == "shared_prefill" else R) * (c + 1)
+            # `rows` prefills one context at a time; `shared_prefill` a chunk's contexts at once.
+            prefill_tokens = {"rows": 1, "shared_prefill": roll_contexts}.get(r.rollout_mode, R) * (c + 1)
         sampling = R * V * SAMPLING_BYTES_PER_ROW_AND_VOCAB
         prefill = prefill_tokens * inference_bytes_per_token(m, tp, stage_kinds, w_bytes)
         rollout_items = []
@@ -565,7 +566,7 @@ def _tokens_and_flops(plan: Plan) -> None:
     r, d, t = cfg.rlp, cfg.data, cfg.trainer
     B, G, L, c = r.contexts_per_step, r.group_size, r.max_thought_len, d.max_context
     teacher = -(-B // d.positions_per_document) * (c + 1)
-    if r.rollout_mode == "shared_prefill":
+    if r.rollout_mode in ("shared_prefill", "rows"):
         prefill = B * (c + 1)
     elif r.rollout_mode == "cache":
         prefill = B * G * (c + 1)
@@ -674,4 +675,249 @@ def format_plan(plan: Plan) -> str:
         lines += [f"{a:<{width}}  {b}" for a, b in rows]
     lines.append("")
     lines.append("fits" if plan.fits else plan.refusal())
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time per RLP step (`python -m nemo_rlp.plan ... --time h100|h200`)
+# ------------------------------------------------------------------------------------------------
+#
+# Seconds per phase of one RLP step on one model replica (TP x PP GPUs; replicas run in parallel),
+# next to the roofline floor of the same work (peak FLOP/s or HBM bandwidth, whichever binds, no
+# overhead). Symbols as in the module docstring; N the multiplying parameters, W = P_replica *
+# weight bytes, kv = bytes of one cached position over all attention layers, st = bytes of one row's
+# Mamba states over all Mamba layers, all divided by TP per GPU.
+#
+# The schedule is not assumed: `nemo_rlp.rollout.schedule.replay_step` replays the sampler's own
+# rules (checked against `sample_thoughts`' counters, tests/unit/test_rollout_schedule.py) on this
+# replica's contexts: lengths drawn from the configured distribution (`data.rlp_positions=uniform`:
+# uniform in [min_context, max_context]; `marked`: all c), thoughts all L (`--thoughts full`, the
+# worst case the memory plan also takes) or truncated-geometric with a quarter at L (`geometric`, the
+# bench's mixed workload), in chunks of `rlp.rollout_batch_contexts`. It gives decode steps, rows
+# computed and live, context tokens fed through decode, attended positions, cache cells copied.
+# The host work per decode step is measured on the real engine (`measure_host_work`: aten ops per
+# layer and per step, host syncs per step, on the tiny model of the same architecture on CPU).
+#
+# Phases (seconds per step):
+# - rollout prefill: 2N * prefill tokens + attention 2 * s^2 * q * attention layers per context of
+#   s tokens, / TP, at PREFILL_EFFICIENCY of peak.
+# - rollout decode: per the whole schedule, max(FLOPs / peak, bytes / (HBM * DECODE_BW_EFFICIENCY))
+#   with FLOPs = 2N * rows computed / TP and bytes = decode steps * W / TP (weights read every step)
+#   + attended positions * kv + rows computed * 2 * st (states read and written) + rows computed *
+#   sampling bytes: V * SAMPLING_BYTES_PER_ROW_AND_VOCAB for the lockstep path (full-vocabulary fp32
+#   sampling on every TP rank), V * 4 (the noise, drawn whole on every rank) + V / TP * (that - 4)
+#   for `rows` (sampling on the rank's vocabulary shard); plus, with TP
+#   > 1, decode steps * all-reduces per step * TP_ALLREDUCE_S (two per attention+MLP, one per Mamba
+#   layer: latency-bound at decode sizes).
+# - cache traffic: 2 * (compaction cells * kv + compaction rows * st) (read and write), plus for the
+#   lockstep path 2 * re-rotated keys * kv / 2 (megatron's static cache keeps keys before RoPE and
+#   rotates the whole cached prefix every step), / (HBM * DECODE_BW_EFFICIENCY).
+# - host overhead: per decode step, host = ops * LAUNCH_S + syncs * SYNC_S with ops = ops_per_layer *
+#   layers + ops_per_step. With >= 1 sync per step the host waits for the device every step and its
+#   time adds up (exposed = host); with fewer, host and device overlap (exposed = max(0, host -
+#   device step)). The decode is host-bound when the host time per step exceeds the device's.
+# - teacher scoring: 2N * teacher tokens (+ attention), training: 6N * trained tokens (+ 3x the
+#   attention term, + a forward when θ_old's scores are recomputed first), NTP: this step's share
+#   (ntp_per_cycle / rlp_per_cycle) of 6N * NTP tokens of the replica; all / (TP * PP) at
+#   TRAIN_EFFICIENCY or PREFILL_EFFICIENCY of peak.
+# - optimizer + EMA: OPTIMIZER_BYTES_PER_PARAM per parameter on the GPU at HBM bandwidth, plus the
+#   data-parallel gradient all-reduce 2 * (DP - 1) / DP * P_gpu * 4 bytes at the inter-node bandwidth.
+# Floors: the same work at peak with no efficiency loss, no host and no cache copies; the decode floor
+# reads the weights once per step of the `rows` schedule and only each live row's own positions.
+# Not modelled: pipeline bubbles, NCCL contention with compute, stragglers, checkpointing.
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    flops: float  # dense bf16 FLOP/s
+    hbm: float  # bytes/s
+    inter_node: float  # bytes/s per GPU (InfiniBand)
+
+
+ACCELERATORS = {
+    "h100": Accelerator("H100 SXM", 989e12, 3.35e12, 50e9),
+    "h200": Accelerator("H200 SXM", 989e12, 4.8e12, 50e9),
+}
+PREFILL_EFFICIENCY = 0.5  # achieved fraction of peak FLOP/s in a large forward (prefill, teacher)
+TRAIN_EFFICIENCY = 0.4  # achieved fraction of peak FLOP/s in training (forward + backward)
+DECODE_BW_EFFICIENCY = 0.7  # achieved fraction of HBM bandwidth in decode kernels
+LAUNCH_S = 6e-6  # host time per eager aten op (Python, dispatcher, kernel launch)
+SYNC_S = 30e-6  # one device-to-host read once the device has drained
+TP_ALLREDUCE_S = 10e-6  # one small all-reduce inside an NVLink node
+OPTIMIZER_BYTES_PER_PARAM = 30 + 10  # Adam (grad 4, master 8, m 8, v 8, bf16 weight 2) + EMA (10)
+
+
+@dataclass
+class StepTime:
+    accelerator: Accelerator
+    mode: str
+    chunk: int
+    schedule: object  # nemo_rlp.rollout.schedule.Schedule of this replica's step
+    host_ops_per_step: float
+    syncs_per_step: float
+    phases: list[tuple[str, float, float]]  # (phase, seconds, floor seconds)
+    device_step_s: float  # device time of one decode step (mean)
+    host_step_s: float  # host time of one decode step
+    recommended_chunk: Optional[int] = None
+
+    @property
+    def host_bound(self) -> bool:
+        return self.host_step_s > self.device_step_s
+
+
+def _rollout_lengths(cfg: RunConfig, contexts: int, thoughts: str, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d, r = cfg.data, cfg.rlp
+    if d.rlp_positions == "uniform":
+        context_lens = rng.integers(d.min_context, d.max_context + 1, contexts)
+    else:
+        context_lens = np.full(contexts, d.max_context)
+    rows = contexts * r.group_size
+    L = r.max_thought_len
+    if thoughts == "full":
+        return context_lens, np.full(rows, L)
+    p = 1.0 - 0.25 ** (1.0 / (L - 1))  # a quarter reach L (bench/rollout.py's mixed workload)
+    return context_lens, np.minimum(rng.geometric(p, rows), L)
+
+
+def _allreduces_per_step(kinds: str, tp: int) -> int:
+    """Tensor-parallel all-reduces of one decode step: attention and MLP outputs, Mamba out_proj,
+    and the logits' vocabulary gather."""
+    if tp == 1:
+        return 0
+    return 2 * kinds.count("T") + kinds.count("*") + kinds.count("-") + kinds.count("M") + 1
+
+
+def plan_step_time(plan: Plan, accelerator: str, thoughts: str = "full", host_work=None) -> StepTime:
+    """Seconds per phase of one RLP step of `plan` (formulas above). `host_work` (a
+    `schedule.HostWork`) is measured on the tiny model of the same architecture when not given."""
+    from nemo_rlp.rollout.schedule import measure_host_work, replay_step
+
+    cfg, acc = plan.cfg, ACCELERATORS[accelerator]
+    m, r = cfg.model, cfg.rlp
+    if r.rollout_mode not in ("rows", "shared_prefill"):
+        raise ConfigError(f"--time models rlp.rollout_mode=rows or shared_prefill, not {r.rollout_mode!r}")
+    b, G, L, tp = plan.contexts_per_rank, r.group_size, r.max_thought_len, plan.tp
+    chunk = min(b, plan.what_if.rollout_chunk_contexts or r.rollout_batch_contexts or b)
+    context_lens, thought_lens = _rollout_lengths(cfg, b, thoughts)
+    sched = replay_step(r.rollout_mode, context_lens, thought_lens, G, L, chunk)
+    ideal = replay_step("rows", context_lens, thought_lens, G, L, chunk)
+    host_work = host_work or measure_host_work("hybrid" if m.arch == "hybrid" else "gpt", r.rollout_mode)
+    kinds, dims, w = layer_kinds(m), _dims(m), (2 if m.params_dtype == "bf16" else 4)
+    N, V, n_attn = plan.counts.matmul, plan.counts.vocab_size, sum(k in "*T" for k in kinds)
+    kv = n_attn * 2 * dims["kv"] * w / tp  # one cached position, all attention layers, per GPU
+    states = kinds.count("M") * (dims["conv_dim"] * 4 + dims["ssm_per_row"]) * w / tp
+    weights = plan.counts.total * w / tp
+    attn_flops = 2 * dims["q"] * n_attn  # x s^2 for a causal forward over s tokens
+    bw = acc.hbm * DECODE_BW_EFFICIENCY
+
+    prefill = (2 * N * sched.prefill_tokens + attn_flops * sched.prefill_square) / tp
+    prefill_floor = (2 * N * ideal.prefill_tokens + attn_flops * ideal.prefill_square) / tp / acc.flops
+    decode_flops = (2 * N * sched.row_steps + 2 * attn_flops * sched.attended_cells) / tp
+    # Lockstep: every TP rank samples on the full-vocabulary fp32 logits; rows: on its V/TP shard
+    # (nemo_rlp.rollout.vocab_shard), but each rank still draws the whole vocabulary's noise.
+    sampling = V * SAMPLING_BYTES_PER_ROW_AND_VOCAB if r.rollout_mode == "shared_prefill" \
+        else V * 4 + V / tp * (SAMPLING_BYTES_PER_ROW_AND_VOCAB - 4)
+    decode_bytes = (sched.decode_steps * weights + sched.attended_cells * kv + sched.row_steps * 2 * states
+                    + sched.row_steps * sampling)
+    decode = max(decode_flops / acc.flops, decode_bytes / bw)
+    decode += sched.decode_steps * _allreduces_per_step(kinds, tp) * TP_ALLREDUCE_S
+    useful_rows = int((thought_lens + 1).sum())
+    own_cells = float(((thought_lens + 1) * (context_lens.repeat(G) + 1) + thought_lens * (thought_lens + 1) / 2).sum())
+    decode_floor = max((2 * N * useful_rows + 2 * attn_flops * own_cells) / tp / acc.flops,
+                       (ideal.decode_steps * weights + own_cells * kv + useful_rows * (2 * states + 4 * V)) / acc.hbm)
+    cache = (2 * (sched.compaction_cells * kv + sched.compaction_rows * states) + sched.rope_cells * kv) / bw
+
+    host_step = (host_work.ops_per_layer * len(kinds) + host_work.ops_per_step) * LAUNCH_S \
+        + host_work.syncs_per_step * SYNC_S
+    device_step = (decode + cache) / max(1, sched.decode_steps)
+    exposed = host_step if host_work.syncs_per_step >= 1 else max(0.0, host_step - device_step)
+    training = _training_phases(plan, acc)
+    phases = [
+        ("rollout prefill", prefill / (acc.flops * PREFILL_EFFICIENCY), prefill_floor),
+        ("rollout decode", decode, decode_floor),
+        ("rollout cache traffic (compaction, RoPE over the prefix)", cache, 0.0),
+        ("rollout host overhead (exposed)", exposed * sched.decode_steps, 0.0),
+    ] + training
+    return StepTime(acc, r.rollout_mode, chunk, sched, host_work.ops_per_layer * len(kinds) + host_work.ops_per_step,
+                    host_work.syncs_per_step, phases, device_step, host_step, _largest_fitting_chunk(plan))
+
+
+def _training_phases(plan: Plan, acc: Accelerator) -> list[tuple[str, float, float]]:
+    """Teacher scoring, RLP training, NTP (this step's share) and optimizer + EMA, per replica."""
+    cfg = plan.cfg
+    m, r, d, t = cfg.model, cfg.rlp, cfg.data, cfg.trainer
+    kinds, dims = layer_kinds(m), _dims(m)
+    N, gpus = plan.counts.matmul, plan.tp * plan.pp
+    attn_flops = 2 * dims["q"] * sum(k in "*T" for k in kinds)
+    b, G, L, c = plan.contexts_per_rank, r.group_size, r.max_thought_len, d.max_context
+    windows = -(-b // d.positions_per_document)
+    teacher = 2 * N * windows * (c + 1) + attn_flops * windows * (c + 1) ** 2
+    width, rows = c + L + 2, b * G
+    train = 6 * N * rows * width + 3 * attn_flops * rows * width**2
+    scores_first = r.logprob_source == "recompute" and (
+        r.num_minibatches > 1 or plan.what_if.train_microbatch_rows is not None or r.micro_batch_rows > 0)
+    forward_only = (scores_first + (r.kl_beta > 0)) * train / 3
+    share = t.schedule.ntp_per_cycle / max(1, t.schedule.rlp_per_cycle)
+    ntp_rows = -(-t.ntp_batch_size // plan.dp)
+    ntp = share * (6 * N * ntp_rows * d.ntp_seq_len + 3 * attn_flops * ntp_rows * d.ntp_seq_len**2)
+    params = max(stage.params for stage in plan.stages)
+    optimizer_bytes = params * OPTIMIZER_BYTES_PER_PARAM * (1 + share)
+    allreduce = 2 * (plan.dp - 1) / plan.dp * params * 4 * (1 + share) / acc.inter_node
+    return [
+        ("teacher scoring (S_ema)", teacher / gpus / (acc.flops * PREFILL_EFFICIENCY), teacher / gpus / acc.flops),
+        ("RLP training", (train + forward_only) / gpus / (acc.flops * TRAIN_EFFICIENCY), (train + forward_only) / gpus / acc.flops),
+        (f"NTP ({share:g} step(s) per RLP step)", ntp / gpus / (acc.flops * TRAIN_EFFICIENCY), ntp / gpus / acc.flops),
+        ("optimizer + EMA + DP all-reduce", optimizer_bytes / (acc.hbm * DECODE_BW_EFFICIENCY) + allreduce,
+         optimizer_bytes / acc.hbm + allreduce),
+    ]
+
+
+def _largest_fitting_chunk(plan: Plan) -> Optional[int]:
+    """The most contexts per rollout chunk (halving from all of a rank's) whose memory plan fits."""
+    import dataclasses
+
+    k = plan.contexts_per_rank
+    while k >= 1:
+        what_if = dataclasses.replace(plan.what_if, rollout_chunk_contexts=k)
+        if make_plan(plan.cfg, plan.hardware, plan.counts, plan.experiment, what_if, search_nodes=False).fits:
+            return k
+        k //= 2
+    return None
+
+
+def format_step_time(plan: Plan, st: StepTime, thoughts: str) -> str:
+    s = st.schedule
+    lines = [
+        f"time per RLP step on {st.accelerator.name} (one replica of TP={plan.tp} x PP={plan.pp} GPUs; "
+        f"DP={plan.dp} replicas in parallel): rlp.rollout_mode={st.mode}, {st.chunk} contexts per rollout chunk, "
+        f"thoughts {thoughts}",
+        f"  schedule (replayed from the sampler's rules): {s.decode_steps} decode steps, "
+        f"{s.row_steps / max(1, s.decode_steps):.0f} rows per step, occupancy {s.mean_occupancy:.2f}, "
+        f"{s.context_tokens_decoded:,} context tokens through decode, {s.generated_tokens:,} thought tokens",
+        f"  host per decode step (measured on CPU): {st.host_ops_per_step:,.0f} aten ops, "
+        f"{st.syncs_per_step:.2f} host syncs -> {st.host_step_s * 1e3:.2f} ms host vs "
+        f"{st.device_step_s * 1e3:.2f} ms device",
+    ]
+    width = max(len(name) for name, _, _ in st.phases) + 2
+    lines.append(f"  {'phase':<{width}} {'seconds':>9} {'floor':>9} {'x floor':>8}")
+    for name, seconds, floor in st.phases:
+        ratio = f"{seconds / floor:7.1f}x" if floor > 0 else "       -"
+        lines.append(f"  {name:<{width}} {seconds:9.2f} {floor:9.2f} {ratio}")
+    total, floor_total = sum(p[1] for p in st.phases), sum(p[2] for p in st.phases)
+    lines.append(f"  {'total':<{width}} {total:9.2f} {floor_total:9.2f} {total / floor_total:7.1f}x")
+    top = max(st.phases, key=lambda p: p[1])
+    lines.append(f"  dominant phase: {top[0]} ({100 * top[1] / total:.0f}% of the step)")
+    if st.host_bound:
+        advice = (f"; the memory plan fits rlp.rollout_batch_contexts={st.recommended_chunk} "
+                  f"({-(-plan.contexts_per_rank // st.recommended_chunk)} chunk(s) per step)"
+                  if st.recommended_chunk and st.recommended_chunk > st.chunk else "")
+        advice = advice or "; CUDA graphs (megatron's dynamic engine on GPU) would remove most of the host work"
+        lines.append(f"  WARNING: the decode is host-bound ({st.host_step_s * 1e3:.2f} ms host > "
+                     f"{st.device_step_s * 1e3:.2f} ms device per step) at {st.chunk} contexts per chunk" + advice)
+    elif st.recommended_chunk and st.recommended_chunk > st.chunk:
+        lines.append(f"  note: the memory plan fits rlp.rollout_batch_contexts={st.recommended_chunk}")
     return "\n".join(lines)

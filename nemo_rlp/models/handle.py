@@ -65,10 +65,27 @@ class ModelHandle:
 
         return StaticInferenceContext(max_batch_size=max_batch, max_sequence_length=max_sequence)
 
+    def new_row_cache(self, max_batch: int, max_sequence: int, device: torch.device):
+        """A per-row cache (`nemo_rlp.rollout.row_cache.RowCache`): every row has its own length."""
+        from nemo_rlp.rollout.row_cache import RowCache
+
+        return RowCache(self.language_model, max_batch, max_sequence, device)
+
     @torch.no_grad()
     def cached_logits(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """Feed `tokens` [b, s] at the cache's current offset; full-vocab logits [b, V] for the
-        token after the last one, fp32, identical on every tensor-parallel rank."""
+        token after the last one, fp32, identical on every tensor-parallel rank.
+
+        With a `RowCache` the offset is each row's own length (a decode step feeds its first b
+        rows), or 0 after `cache.prefill_into(rows)` (a prefill of one context into those rows), and
+        the logits are this tensor-parallel rank's vocabulary shard [b, V/TP] (the whole vocabulary
+        at TP=1), on the last pipeline stage only (None on the others): the `rows` sampler decides on
+        the shards (nemo_rlp.rollout.vocab_shard) and sends each row's token and log-probs, not
+        [b, V], to the other stages."""
+        from nemo_rlp.rollout.row_cache import RowCache, row_cached_logits
+
+        if isinstance(cache, RowCache):
+            return row_cached_logits(self.language_model, tokens, cache)
         offset = cache.sequence_len_offset
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
         positions = positions.unsqueeze(0).expand_as(tokens)
@@ -81,18 +98,19 @@ class ModelHandle:
     def _share(self, logits: torch.Tensor | None, rows: int) -> torch.Tensor:
         """The last stage's full-vocabulary logits [rows, V] on every pipeline stage.
 
-        TODO(scale): broadcasting [rows, V] per decoding step is fine for tests and small vocabularies;
-        at B*G = 8192 rows x 131k vocabulary it is 4 GB per step. The fix is to sample on the last
-        stage and broadcast only each row's token and two log-probs."""
+        Broadcasting [rows, V] per decoding step is fine for tests and small vocabularies; at B*G =
+        8192 rows x 131k vocabulary it is 4 GB per step. The lockstep modes still do; the `rows` path
+        samples on the last stage and broadcasts each row's token and log-probs only."""
         return pipeline.broadcast_from_last_stage(logits, (rows, self.language_model.vocab_size), torch.float32)
 
     @torch.no_grad()
-    def select_cache_rows(self, cache, index: torch.Tensor) -> None:
+    def select_cache_rows(self, cache, index: torch.Tensor) -> int:
         """Make cache row i a copy of row index[i]: repeat a prefilled context G times
         (index = [0,0,..,1,1,..]) or drop finished rows. len(index) may differ from the batch
-        the cache was filled with, up to the cache's max_batch_size."""
+        the cache was filled with, up to the cache's max_batch_size. Returns the bytes copied."""
         from megatron.core.transformer.attention import Attention
 
+        moved = 0
         for module in self.language_model.modules():
             if isinstance(module, Attention) and module.layer_number in cache.key_value_memory_dict:
                 key, value = cache.key_value_memory_dict[module.layer_number]
@@ -100,6 +118,7 @@ class ModelHandle:
                 rows = len(index)
                 key[:, :rows] = key[:, index]
                 value[:, :rows] = value[:, index]
+                moved += 2 * key[:, :rows].numel() * key.element_size()
             elif _is_mamba_mixer(module) and module.layer_number in cache.key_value_memory_dict:
                 conv_state, ssm_state = cache.key_value_memory_dict[module.layer_number]
                 # Mamba states are sized to the live batch, and megatron re-zeroes them when the
@@ -109,6 +128,8 @@ class ModelHandle:
                     ssm_state[index].contiguous(),
                 )
                 module.cached_batch_size = len(index)
+                moved += (conv_state[index].numel() + ssm_state[index].numel()) * conv_state.element_size()
+        return moved
 
     def train(self, mode: bool = True) -> "ModelHandle":
         self.module.train(mode)

@@ -58,6 +58,30 @@ def forward(module: torch.nn.Module, language_model: torch.nn.Module, tokens: to
     return output
 
 
+def is_first_stage_or_single() -> bool:
+    return size() == 1 or is_first_stage()
+
+
+def is_last_stage_or_single() -> bool:
+    return size() == 1 or is_last_stage()
+
+
+def send_hidden(hidden: torch.Tensor) -> None:
+    """Send this stage's hidden states [s, b, h] to the next stage (megatron's inference p2p)."""
+    from megatron.core.inference.communication_utils import send_to_next_pipeline_rank
+
+    send_to_next_pipeline_rank(hidden.contiguous())
+
+
+def recv_hidden(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """The previous stage's hidden states, shaped `shape`."""
+    from megatron.core.inference.communication_utils import recv_from_prev_pipeline_rank_
+
+    hidden = torch.empty(tuple(shape), dtype=dtype, device=device)
+    recv_from_prev_pipeline_rank_(hidden)
+    return hidden
+
+
 def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype: torch.dtype) -> torch.Tensor:
     """The last stage's `tensor` on every stage of this replica (others pass None)."""
     if size() == 1:

@@ -1,6 +1,7 @@
 """Rollouts under tensor and pipeline parallelism: TP=2 and PP=2 sample the same thoughts, with the
 same behaviour log-probs and S_pred, as TP=1 from the same seed (gloo, CPU).
 
+Every lockstep mode and the `rows` path (each against its own TP=1 reference).
 One launch of two processes: as one TP=2 replica, then, after re-initialising megatron's parallel
 state, as one PP=2 replica, then as two TP=1 replicas (DP=2) that are the reference. All layouts
 start from the same weights (full weights initialised on CPU from one seed and sharded; pipeline
@@ -21,7 +22,7 @@ SEED = 77
 VOCAB = 256
 
 
-def _rollout(tensor_parallel: int, mode: str, model: str, weights=None):
+def _rollout(tensor_parallel: int, mode: str, model: str, weights=None, top_k: int = 0):
     from nemo_rlp.config import load_config
     from nemo_rlp.models import build_model
     from nemo_rlp.models.handle import ModelHandle
@@ -35,7 +36,7 @@ def _rollout(tensor_parallel: int, mode: str, model: str, weights=None):
     handle = ModelHandle(module)
     g = torch.Generator().manual_seed(0)
     prefixes = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (6, 13, 9)]
-    params = SamplingParams(group_size=4, max_thought_len=10, temperature=1.0, mode=mode)
+    params = SamplingParams(group_size=4, max_thought_len=10, temperature=1.0, mode=mode, top_k=top_k)
     batch = sample_thoughts(handle, prefixes, [5, 6, 7], params, Markers(2, 3, 0),
                             torch.Generator().manual_seed(SEED), torch.device("cpu"))
     return {"tokens": batch.tokens, "behaviour": batch.behaviour_logprobs, "s_pred": batch.s_pred,
@@ -51,8 +52,10 @@ def _worker(model: str) -> dict:
     out = {}
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=2), SEED)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
-    for mode in ("shared_prefill", "recompute"):
+    for mode in ("shared_prefill", "recompute", "rows"):
         out[("tp2", mode)] = _rollout(2, mode, model)
+    # The rows path samples on vocabulary shards; with top-k it gathers them first.
+    out[("tp2", "rows_top_k")] = _rollout(2, "rows", model, top_k=20)
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
     torch.manual_seed(SEED)
@@ -60,25 +63,32 @@ def _worker(model: str) -> dict:
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(pipeline_model_parallel_size=2), SEED)
     assert parallel_state.get_pipeline_model_parallel_world_size() == 2
-    for mode in ("shared_prefill", "cache", "recompute"):
+    for mode in ("shared_prefill", "cache", "recompute", "rows"):
         out[("pp2", mode)] = _rollout(1, mode, model, weights)
     parallel_state.destroy_model_parallel()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=1), SEED)
     assert parallel_state.get_tensor_model_parallel_world_size() == 1
-    out[("tp1", "shared_prefill")] = _rollout(1, "shared_prefill", model)
+    for mode in ("shared_prefill", "rows"):
+        out[("tp1", mode)] = _rollout(1, mode, model)
+    out[("tp1", "rows_top_k")] = _rollout(1, "rows", model, top_k=20)
     return out
 
 
 @pytest.mark.parametrize("model", ["tiny_gpt", "tiny_hybrid"])
 def test_tp2_and_pp2_rollouts_equal_tp1(model):
     results = run_distributed(_worker, world_size=2, args=(model,), timeout=240)
-    ref = results[0][("tp1", "shared_prefill")]
+    # The `rows` path draws its noise per decode step rather than per position, so it has its own
+    # TP=1 reference; the lockstep modes share one.
+    refs = {mode: results[0][("tp1", mode)] for mode in ("shared_prefill", "rows", "rows_top_k")}
+    ref = refs["shared_prefill"]
     for rank, result in enumerate(results):
         # Both TP=1 replicas (a DP pair) and both TP=2 ranks agree with the reference.
         for key, got in result.items():
+            ref = refs[key[1] if key[1].startswith("rows") else "shared_prefill"]
             assert torch.equal(got["tokens"], ref["tokens"]), (rank, key)
             assert torch.equal(got["thought_len"], ref["thought_len"]), (rank, key)
             torch.testing.assert_close(got["behaviour"], ref["behaviour"], atol=1e-4, rtol=0)
             torch.testing.assert_close(got["s_pred"], ref["s_pred"], atol=1e-4, rtol=0)
     # The thoughts are real samples, not a degenerate constant.
-    assert len({tuple(r.tolist()) for r in ref["tokens"]}) > 3
+    for ref in refs.values():
+        assert len({tuple(r.tolist()) for r in ref["tokens"]}) > 3

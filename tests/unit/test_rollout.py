@@ -1,5 +1,7 @@
-"""Thought rollouts: the three decoding modes agree, log-probs and S_pred equal teacher forcing,
-contexts of different lengths share a batch exactly, thoughts that hit L are closed and flagged."""
+"""Thought rollouts: the three lockstep decoding modes agree, log-probs and S_pred equal teacher
+forcing in every mode (the `rows` path included), contexts of different lengths share a batch exactly,
+thoughts that hit L are closed and flagged; the `rows` path feeds no context token through decode,
+compacts its cache only below the occupancy threshold and reads the host rarely."""
 
 from __future__ import annotations
 
@@ -10,7 +12,15 @@ from nemo_rlp.config import ParallelConfig, load_config
 from nemo_rlp.models import build_model
 from nemo_rlp.models.handle import ModelHandle
 from nemo_rlp.parallel import distributed
-from nemo_rlp.rollout.sampler import MODES, Markers, SamplingParams, filter_logits, sample_thoughts
+from nemo_rlp.rollout.sampler import (
+    CHECK_EVERY,
+    MODES,
+    Markers,
+    RolloutStats,
+    SamplingParams,
+    filter_logits,
+    sample_thoughts,
+)
 
 VOCAB = 512
 MARKERS = Markers(think_start=2, think_end=3, pad=0)
@@ -154,3 +164,55 @@ def test_sampling_follows_the_tempered_distribution():
     noise = torch.empty(40000, 3).exponential_(generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(sample_tokens(logits, params, noise), minlength=3).float() / 40000
     torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.7, -1), atol=0.01, rtol=0)
+
+
+def _assert_equal_to_teacher_forcing(handle, batch, prefixes, targets):
+    """Each row scored alone gives the sampler's behaviour log-probs and S_pred, and holds its
+    context, the start marker, the thought, the end marker and x_t in place."""
+    for row in range(batch.tokens.shape[0]):
+        n = int(batch.answer_index[row]) + 1
+        alone = batch.tokens[row : row + 1, :n]
+        with torch.no_grad():
+            logprobs = handle.token_logprobs(alone)[0]
+        start, length = int(batch.thought_start[row]), int(batch.thought_len[row])
+        torch.testing.assert_close(batch.behaviour_logprobs[row, :length], logprobs[start - 1 : start - 1 + length],
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch.s_pred[row], logprobs[n - 2], atol=1e-4, rtol=0)
+        b = row // batch.group_size
+        assert alone[0, : len(prefixes[b])].tolist() == prefixes[b]
+        assert int(alone[0, len(prefixes[b])]) == MARKERS.think_start
+        assert int(alone[0, n - 2]) == MARKERS.think_end and int(alone[0, n - 1]) == targets[b]
+
+
+def test_rows_path_mixes_contexts_of_8_and_500_tokens_exactly(handle):
+    """Both contexts are prefilled at their own length in one batch; no context token is decoded."""
+    prefixes, targets = _prefixes([8, 500], seed=5), [5, 6]
+    stats = RolloutStats()
+    params = SamplingParams(group_size=3, max_thought_len=6, temperature=1.0, mode="rows")
+    batch = sample_thoughts(handle, prefixes, targets, params, MARKERS, torch.Generator().manual_seed(2), CPU,
+                            stats=stats)
+    _assert_equal_to_teacher_forcing(handle, batch, prefixes, targets)
+    assert stats.context_tokens_decoded == 0
+    assert stats.decode_steps <= 6 + 1  # thought tokens 0..L-1 and the end marker, from the prefill on
+    # (The lockstep path would feed 3 x 492 context tokens through decode here:
+    # tests/unit/test_rollout_schedule.py checks its counters.)
+
+
+def test_rows_path_with_forced_lengths_compacts_below_threshold_and_stays_exact(handle):
+    """Thought caps (the benchmark's forced lengths) end most rows early: finished rows ride along
+    masked, one compaction drops them, and every row still equals teacher forcing."""
+    prefixes, targets = _prefixes([7, 30], seed=6), [5, 6]
+    caps = [1, 2, 2, 3, 20, 2, 1, 3, 2, 20]  # G=5: 8 of 10 rows finish within 4 steps
+    params = SamplingParams(group_size=5, max_thought_len=20, temperature=1.0, mode="rows")
+    stats = RolloutStats()
+    batch = sample_thoughts(handle, prefixes, targets, params, MARKERS,
+                            torch.Generator().manual_seed(3), CPU, thought_caps=caps, stats=stats)
+    caps = torch.tensor(caps)
+    # A thought ends at its cap, or earlier when the policy samples the end marker.
+    assert ((batch.thought_len == caps) | (batch.end_sampled & (batch.thought_len <= caps))).all()
+    assert (batch.thought_len == caps).sum() >= 8
+    _assert_equal_to_teacher_forcing(handle, batch, prefixes, targets)
+    assert stats.compaction_bytes > 0  # 2 of 10 rows live at the first check: compacted once
+    assert stats.mean_occupancy < 1.0
+    assert stats.host_syncs <= stats.decode_steps // CHECK_EVERY + 1
+    assert stats.generated_tokens == int(batch.thought_len.sum())
