@@ -82,7 +82,11 @@ def decide(logits: torch.Tensor, target: torch.Tensor, params, markers, generato
     from nemo_rlp.rollout.sampler import filter_logits
 
     # The full vocabulary's noise on every rank (one draw sequence whatever the TP size), sliced.
-    noise = torch.empty(logits.shape[0], shard.vocab, device=logits.device).exponential_(generator=generator)
+    # Drawn on the generator's device (the trainer's is a CPU generator, which a CUDA tensor cannot
+    # draw from), then moved, as the lockstep modes do (sampler.py).
+    # TODO(scale): an H2D copy of [rows, V] per step; a generator on the logits' device avoids it.
+    noise = torch.empty(logits.shape[0], shard.vocab, device=generator.device).exponential_(generator=generator)
+    noise = noise.to(logits.device)
     noise = noise[:, shard.start : shard.start + logits.shape[-1]]
     scores = filter_logits(logits / params.temperature, params.top_k, params.top_p) - torch.log(noise)
     new = shard.argmax(scores)
