@@ -13,6 +13,8 @@ A checkpoint directory (`checkpoint.dir`) holds one directory per saved step:
         rank_state/rank00000.pt   one per rank (torch.save): data-iterator states, the rollout
                                   generator, torch / numpy / python / megatron-tracker RNG states
         config.json               the resolved config that saved it
+        manifest.json             the size of every file above, and a checksum of the small ones
+                                  (nemo_rlp.training.checkpoint_integrity)
         complete.json             the completion marker, written last: step, layout, ranks
     step_0000050.tmp/             a save in progress, or one a crash interrupted: never read
 
@@ -29,7 +31,14 @@ rank (data iterators and the rollout generator are identical across a replica's 
 data-parallel size changes, the data streams cannot continue where they were: they restart from
 seeds derived from the step, with a warning.
 
-`resume: auto` picks the latest complete checkpoint of `checkpoint.dir`. So that rerunning the same
+`resume: auto` picks the newest checkpoint of `checkpoint.dir` that passes its integrity check
+against the manifest (`checkpoint_integrity.newest_loadable`): a damaged newer one is renamed
+`.damaged` with a loud warning, and the previous one is used. `resume: PATH` starts from PATH when it
+is one checkpoint (a step directory) or this run's own checkpoint directory; PATH a directory of
+*another* run's checkpoints is where a new run starts, so a requeued run (same command) continues from
+its own checkpoints instead. Starting from a checkpoint older than this run's newest (or
+`resume: never` in a directory with checkpoints) starts another history: the newer checkpoints are
+moved to `superseded-<time>/` under the checkpoint directory, out of every later resume's way. So that rerunning the same
 command finds it, the default directory does not depend on the Hydra run directory (which changes per
 invocation): it is `<logging.output_dir>/checkpoints` when `logging.output_dir` is set, and otherwise
 `outputs/checkpoints/<model.name>-<hash>` under the launch directory, the hash over the resolved
@@ -65,6 +74,7 @@ import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.parallel.distributed import ParallelLayout
+from nemo_rlp.training import checkpoint_integrity as integrity
 from nemo_rlp.training.checkpoint_writer import CheckpointWriteError, child_pids, kill_children, run_bounded
 
 log = logging.getLogger("nemo_rlp")
@@ -200,6 +210,33 @@ def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]
 
     walk(_without(saved, VOLATILE_KEYS), _without(current, VOLATILE_KEYS), "")
     return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+# What a checkpoint's shapes depend on: a difference here explains a load that fails.
+SHAPE_KEYS = ("model.", "data.tokenizer", "parallel.")
+
+
+def load_error(path: Path, error: BaseException, cfg: RunConfig) -> ConfigError:
+    """The error for a checkpoint that passed its integrity check but did not load into this model:
+    names the config keys that differ from the ones it was saved with, when it can."""
+    try:
+        saved = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        saved = None
+    detail = f"{type(error).__name__}: {str(error).strip()[:300]}"
+    if saved is None:
+        return ConfigError(f"checkpoint {path} does not fit this model ({detail}); it has no readable {CONFIG_FILE} "
+                           "to compare with. Resume with the model config it was saved with, or set "
+                           "checkpoint.resume=never or another checkpoint.dir")
+    differing = [d for d in config_differences(saved, as_dict(cfg), limit=100) if d.startswith(SHAPE_KEYS)]
+    if differing:
+        return ConfigError(
+            f"checkpoint {path} does not fit this model: it was saved with {'; '.join(differing[:8])} (saved -> "
+            "now). Resume with the values it was saved with, or start this model elsewhere (another "
+            "logging.output_dir or checkpoint.dir)"
+        )
+    return ConfigError(f"checkpoint {path} passed its integrity check and was saved with this model config, but "
+                       f"did not load ({detail}); pick an older checkpoint with checkpoint.resume=<its step directory>")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,26 +393,48 @@ class Checkpointer:
     # --------------------------------------------------------------------------------------------
 
     def resume_path(self) -> Optional[Path]:
-        """The checkpoint this run starts from, by `checkpoint.resume` (rank 0 decides)."""
-        resume = self.cfg.checkpoint.resume
-        path = None
-        if self.layout.is_main:
-            own = find_latest(self.directory)
-            if resume == "never":
-                if own is not None:
-                    log.warning(
-                        "checkpoint.resume=never: not resuming from %s; saves to %s replace checkpoints of the "
-                        "same step", own, self.directory,
-                    )
-            elif resume == "auto":
-                path = own
-            elif own is not None:
-                log.info("checkpoint.resume=%s: this run already has checkpoints, continuing from %s", resume, own)
-                path = own
-            else:
-                path = resolve_checkpoint(Path(resume))
+        """The checkpoint this run starts from, by `checkpoint.resume` (rank 0 decides; module docstring)."""
+        path = self._choose_resume() if self.layout.is_main else None
         path = _broadcast(None if path is None else str(path))
         return None if path is None else Path(path)
+
+    def _choose_resume(self) -> Optional[Path]:
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            self._supersede_after(-1, "checkpoint.resume=never")
+            return None
+        if resume == "auto":
+            return integrity.newest_loadable(self.directory)
+        requested = Path(resume).absolute()
+        if _STEP_DIR.match(requested.name):  # one checkpoint, named exactly: honoured as it is
+            found = integrity.problem(requested)
+            if found:
+                raise ConfigError(
+                    f"checkpoint.resume={resume!r} cannot be resumed from: {found}. Pick another checkpoint "
+                    f"(checkpoint.resume=<its step directory>) or checkpoint.resume=auto for the newest that loads"
+                )
+            if requested.parent.resolve() == self.directory.resolve():
+                self._supersede_after(int(_STEP_DIR.match(requested.name)[1]), f"checkpoint.resume={resume}")
+            return requested
+        own = integrity.newest_loadable(self.directory)
+        if own is not None and requested.resolve() != self.directory.resolve():
+            log.info("checkpoint.resume=%s names where this run started; it has checkpoints of its own since "
+                     "(a requeue), continuing from %s", resume, own)
+            return own
+        return own if own is not None else resolve_checkpoint(requested)
+
+    def _supersede_after(self, step: int, why: str) -> None:
+        """Move this run's checkpoints newer than `step` out of the way: they belong to a history
+        that this invocation abandons (a later `resume=auto` must not pick them)."""
+        newer = [p for s, p in integrity.step_directories(self.directory) if s > step]
+        if not newer:
+            return
+        aside = self.directory / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in newer:
+            os.replace(path, aside / path.name)
+        log.warning("%s: starting another history; moved the newer checkpoints %s to %s (delete them when no "
+                    "longer needed)", why, ", ".join(p.name for p in newer), aside)
 
     # --------------------------------------------------------------------------------------------
     # Saving
@@ -461,6 +520,7 @@ class Checkpointer:
                     with open(path, "rb") as f:
                         os.fsync(f.fileno())
             _write_json(tmp / CONFIG_FILE, as_dict(self.cfg))
+            _write_json(tmp / integrity.MANIFEST, integrity.manifest_of(tmp))
             _write_json(tmp / MARKER, marker)
             _fsync_dir(tmp)
             if final.exists():  # resume=never over an older run's checkpoint of the same step

@@ -29,7 +29,7 @@ from nemo_rlp.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed
 from nemo_rlp.rollout.sampler import Markers
-from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
+from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, load_error, rng_state, set_rng_state
 from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation, load_heldout
 from nemo_rlp.training.metrics import MetricsLogger
 from nemo_rlp.training.policy import PolicyWithTeacher
@@ -342,12 +342,8 @@ class Trainer:
 
         try:
             common, rank, same_layout = self.checkpointer.load(path, self.model)
-        except (KeyError, RuntimeError, ValueError, CheckpointingException, CheckpointException) as err:
-            raise ConfigError(
-                f"checkpoint {path} does not fit this model ({type(err).__name__}: {str(err).strip()[:500]}); "
-                "resume with the model config it was saved with, or set checkpoint.resume=never or another "
-                "checkpoint.dir"
-            ) from err
+        except (KeyError, RuntimeError, ValueError, OSError, CheckpointingException, CheckpointException) as err:
+            raise load_error(path, err, self.cfg) from err
         self.step = int(common["step"])
         self.consecutive_skips = int(common["consecutive_skips"])
         for key, value in common["summary"].items():

