@@ -71,11 +71,20 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.parallel.distributed import ParallelLayout
 from nemo_rlp.training import checkpoint_integrity as integrity
-from nemo_rlp.training.checkpoint_writer import CheckpointWriteError, child_pids, kill_children, run_bounded
+from nemo_rlp.training.checkpoint_writer import (
+    CheckpointWriteError,
+    child_pids,
+    children_die_with_me,
+    describe_failure,
+    kill_children,
+    run_bounded,
+    start_results_queue,
+)
 
 log = logging.getLogger("nemo_rlp")
 
@@ -375,18 +384,14 @@ class Checkpointer:
         self._async_tmp: Optional[Path] = None
         # megatron-core's torch_dist writer hands its results back through a helper process that it
         # starts at the first save. Started now, with the preemption signals ignored, it inherits
-        # SIG_IGN and survives the SIGTERM that Slurm sends to every process of the job step.
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-
+        # SIG_IGN and survives the SIGTERM that Slurm sends to every process of the job step; started
+        # by `start_results_queue`, it dies with this process (checkpoint_writer's docstring).
         from nemo_rlp.training.preemption import signals_ignored
 
-        start_helper = getattr(filesystem_async, "_get_write_results_queue", None)
-        if start_helper is None:
-            log.warning("megatron-core's checkpoint writer changed (no _get_write_results_queue): a preemption "
-                        "signal sent to every process may kill its helper before the preemption save")
-        else:
-            with signals_ignored(cfg.checkpoint.signals):
-                start_helper()
+        with signals_ignored(cfg.checkpoint.signals):
+            if not start_results_queue():
+                log.warning("megatron-core's checkpoint writer changed (no _get_write_results_queue): a preemption "
+                            "signal sent to every process may kill its helper before the preemption save")
 
     # --------------------------------------------------------------------------------------------
     # Which checkpoint to start from
@@ -458,11 +463,15 @@ class Checkpointer:
             (tmp / RANK_DIR).mkdir()
         _barrier()
 
+        what = f"checkpoint step {step} to {final}"
         coordinates = _rank_coordinates(self.layout)
-        torch.save(
-            {"coordinates": coordinates, "layout": _layout_dict(self.layout), **rank_state},
-            tmp / RANK_DIR / f"rank{self.layout.rank:05d}.pt",
-        )
+        try:
+            torch.save(
+                {"coordinates": coordinates, "layout": _layout_dict(self.layout), **rank_state},
+                tmp / RANK_DIR / f"rank{self.layout.rank:05d}.pt",
+            )
+        except (OSError, RuntimeError) as error:
+            self._fail(tmp, what, error)
         ranks = _gather(coordinates)
 
         from megatron.core import dist_checkpointing
@@ -485,24 +494,36 @@ class Checkpointer:
             request = dist_checkpointing.save(state, str(tmp / DIST_DIR), async_sharded_save=True)
             request.finalize_fns.append(finalize)
             before = child_pids()
-            self._queue().schedule_async_request(request)
+            with children_die_with_me():
+                self._queue().schedule_async_request(request)
             self._async_writers = child_pids() - before
             self._async_tmp = tmp
             self.last_saved_step = step
             log.info("checkpoint: step %d being written to %s in the background", step, final)
             return final
-        what = f"checkpoint step {step} to {final}"
         try:
-            run_bounded(lambda: dist_checkpointing.save(state, str(tmp / DIST_DIR)),
-                        self.cfg.checkpoint.save_timeout_s, what)
-        except Exception as error:
-            self._discard(tmp)
-            if isinstance(error, CheckpointWriteError):
-                raise
-            raise CheckpointWriteError(f"{what} failed: {error}") from error
-        finalize()
+            with children_die_with_me():
+                run_bounded(lambda: dist_checkpointing.save(state, str(tmp / DIST_DIR)),
+                            self.cfg.checkpoint.save_timeout_s, what)
+        except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+            self._fail(tmp, what, error)
+        try:
+            finalize()
+        except OSError as error:
+            if describe_failure(error, self.directory).startswith("no space left"):
+                self._fail(tmp, what, error)
+            raise  # anything else is a crash: its .tmp stays for the next save to remove
         self.last_saved_step = step
         return final
+
+    def _fail(self, tmp: Path, what: str, error: BaseException) -> None:
+        """A save failed: say why (a full disk by name), remove its `.tmp`, raise CheckpointWriteError."""
+        reason = None if isinstance(error, CheckpointWriteError) else describe_failure(error, tmp.parent)
+        self._discard(tmp)
+        if reason is None:
+            raise error
+        raise CheckpointWriteError(f"{what} failed: {reason}. The checkpoint was not completed; the previous "
+                                   "complete checkpoint is still the one a resume picks.") from error
 
     def _discard(self, tmp: Path) -> None:
         """Remove a failed save's `.tmp` directory, so that only complete checkpoints remain."""

@@ -112,3 +112,120 @@ def test_a_model_mismatch_names_the_differing_keys(two_checkpoints, tmp_path):
     with pytest.raises(ConfigError, match=r"does not fit this model: it was saved with .*model\.hidden_size: \d+ -> 96"):
         Trainer(load_config(FAST + ["model.hidden_size=96",
                                     f"checkpoint.resume={two_checkpoints / 'checkpoints'}"]), tmp_path / "other")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint helper processes die with the trainer; a full disk fails a save by name
+# --------------------------------------------------------------------------------------------------
+
+
+def _dead(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_checkpoint_helpers_die_with_a_killed_trainer(tmp_path):
+    """kill -9 of the trainer during a save used to leave megatron's Manager and writer processes
+    alive for hours (reparented to PID 1, ignoring SIGTERM and SIGUSR1)."""
+    import psutil
+
+    started = tmp_path / "writer_started"
+    script = f"""
+import time
+from pathlib import Path
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from nemo_rlp.config import load_config
+from nemo_rlp.training.loop import Trainer
+
+def stuck():
+    open({str(started)!r}, "w").close()
+    time.sleep(3600)
+
+trainer = Trainer(load_config({FAST!r}), Path({str(tmp_path / "run")!r}))
+trainer.train_step()
+filesystem_async._process_memory = stuck
+trainer.save()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    helpers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the save never started"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        names = [" ".join(h.cmdline()) for h in helpers]
+        assert any("spawn_main" in n for n in names), names  # megatron's results-queue Manager
+        assert len(helpers) >= 3, names  # ... and the forked writer processes
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while not all(_dead(h) for h in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_dead(h) for h in helpers), [h.pid for h in helpers if not _dead(h)]
+    finally:
+        for helper in helpers:
+            try:
+                helper.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _trainer_with_a_checkpoint(out: Path, *overrides: str) -> Trainer:
+    trainer = Trainer(load_config(FAST + list(overrides)), out)
+    trainer.train_step()
+    trainer.save()  # step 1: the previous complete checkpoint
+    trainer.train_step()
+    return trainer
+
+
+def test_a_save_that_runs_out_of_disk_says_so_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Simulated ENOSPC in megatron's writer process: used to surface as 'Worker failure: ...'."""
+    import errno
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    trainer = _trainer_with_a_checkpoint(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"no space left on the file system of .*checkpoints"):
+        trainer.save()  # step 2
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]  # the .tmp is gone
+    monkeypatch.undo()
+    trainer.checkpointer.close()
+    assert Trainer(load_config(FAST), tmp_path).resumed_from == root / "step_0000001"
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 4.5 MiB tmpfs: room for one tiny checkpoint (3 MB) and not two."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4608k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (the simulated ENOSPC test covers this case)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_save_on_a_full_tmpfs_says_no_space_left(tmp_path, tiny_tmpfs):
+    """The real thing: torch's writer reported 'unexpected pos 704 vs 598' and left a .tmp behind."""
+    trainer = _trainer_with_a_checkpoint(tiny_tmpfs)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"no space left on the file system of"):
+        trainer.save()
+    root = tiny_tmpfs / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]
+    assert integrity.newest_loadable(root) == root / "step_0000001"
