@@ -38,11 +38,14 @@ is one checkpoint (a step directory) or this run's own checkpoint directory; PAT
 *another* run's checkpoints is where a new run starts, so a requeued run (same command) continues from
 its own checkpoints instead. Starting from a checkpoint older than this run's newest (or
 `resume: never` in a directory with checkpoints) starts another history: the newer checkpoints are
-moved to `superseded-<time>/` under the checkpoint directory, out of every later resume's way. So that rerunning the same
-command finds it, the default directory does not depend on the Hydra run directory (which changes per
-invocation): it is `<logging.output_dir>/checkpoints` when `logging.output_dir` is set, and otherwise
-`outputs/checkpoints/<model.name>-<hash>` under the launch directory, the hash over the resolved
-config less the keys that may change between invocations of one run (`VOLATILE_KEYS`).
+moved to `superseded-<time>/` under the checkpoint directory, out of every later resume's way.
+
+One run, one directory. So that rerunning the same command finds its checkpoints *and* its history
+(`metrics.jsonl`, the report), the default output directory does not depend on the Hydra run
+directory (which changes per invocation): it is `logging.output_dir` when set, and otherwise
+`outputs/<model.name>-<hash>` under the launch directory (`default_output_dir`), the hash over the
+resolved config less the keys that may change between invocations of one run (`VOLATILE_KEYS`).
+Checkpoints go to `<output directory>/checkpoints` unless `checkpoint.dir` says otherwise.
 
 Async save (`checkpoint.async_save`): the tensors are written by megatron-core's async machinery in
 a forked process while training continues; the marker and the rename run when every rank's write has
@@ -57,8 +60,6 @@ directory, and leaves the previous complete checkpoint the one a resume picks.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import os
@@ -71,10 +72,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.parallel.distributed import ParallelLayout
+from nemo_rlp.run_dirs import VOLATILE_KEYS, _without, checkpoint_dir, default_output_dir, run_id  # noqa: F401
 from nemo_rlp.training import checkpoint_integrity as integrity
 from nemo_rlp.training.checkpoint_writer import (
     CheckpointWriteError,
@@ -97,9 +98,6 @@ TEACHER_PREFIX = "ema_teacher."
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
-# Keys that may differ between invocations of the same run: they are left out of the default
-# directory's hash, and differences in them are not reported on resume.
-VOLATILE_KEYS = ("logging", "checkpoint", "parallel", "trainer.steps", "trainer.max_consecutive_skips")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,38 +170,6 @@ def _remove_tree(path: Path) -> None:
         os.replace(path, doomed)
         path = doomed
     shutil.rmtree(path, ignore_errors=True)
-
-
-def run_id(cfg: RunConfig) -> str:
-    """`<model.name>-<hash>`: the same for every invocation of one run (see `VOLATILE_KEYS`)."""
-    stable = _without(as_dict(cfg), VOLATILE_KEYS)
-    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{cfg.model.name}-{digest}"
-
-
-def checkpoint_dir(cfg: RunConfig, output_dir: Path | None = None, cwd: Path | None = None) -> Path:
-    """Where this run's checkpoints live (module docstring): absolute, the same on every rank.
-    `output_dir`: a run directory that stays the same between invocations (default:
-    `logging.output_dir`), whose `checkpoints/` is then the default."""
-    output_dir = output_dir if output_dir is not None else cfg.logging.output_dir
-    if cfg.checkpoint.dir is not None:
-        path = Path(cfg.checkpoint.dir)
-    elif output_dir is not None:
-        path = Path(output_dir) / "checkpoints"
-    else:
-        path = Path("outputs") / "checkpoints" / run_id(cfg)
-    return path if path.is_absolute() else Path(cwd or Path.cwd()) / path
-
-
-def _without(tree: dict, dotted_keys: tuple[str, ...]) -> dict:
-    tree = copy.deepcopy(tree)
-    for dotted in dotted_keys:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for key in parents:
-            node = node.get(key, {})
-        node.pop(leaf, None)
-    return tree
 
 
 def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]:
@@ -505,7 +471,7 @@ class Checkpointer:
             with children_die_with_me():
                 run_bounded(lambda: dist_checkpointing.save(state, str(tmp / DIST_DIR)),
                             self.cfg.checkpoint.save_timeout_s, what)
-        except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        except (Exception, torch.distributed.checkpoint.api.CheckpointException) as error:  # a BaseException
             self._fail(tmp, what, error)
         try:
             finalize()

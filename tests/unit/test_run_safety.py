@@ -229,3 +229,103 @@ def test_a_save_on_a_full_tmpfs_says_no_space_left(tmp_path, tiny_tmpfs):
     root = tiny_tmpfs / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]
     assert integrity.newest_loadable(root) == root / "step_0000001"
+
+
+# --------------------------------------------------------------------------------------------------
+# One directory, one history; one run per directory
+# --------------------------------------------------------------------------------------------------
+
+
+def test_resume_never_in_a_used_directory_starts_one_new_history(tmp_path):
+    """Used to append a second history to metrics.jsonl, and leave the old checkpoints for a later
+    `resume=auto` to pick."""
+    Trainer(load_config(FAST + ["trainer.steps=3"]), tmp_path).train()
+    fresh = Trainer(load_config(FAST + ["trainer.steps=2", "checkpoint.resume=never"]), tmp_path)
+    assert fresh.step == 0
+    fresh.train()
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [0, 1]
+    root = tmp_path / "checkpoints"
+    assert [p.name for _, p in ckpt.complete_checkpoints(root)] == ["step_0000002"]
+    (aside,) = root.glob("superseded-*")
+    assert (aside / "step_0000003").is_dir()
+    assert Trainer(load_config(FAST + ["trainer.steps=2"]), tmp_path).resumed_from == root / "step_0000002"
+
+
+def test_a_crash_before_the_first_checkpoint_leaves_one_history(tmp_path):
+    # What a run killed at step 3 of its first invocation leaves: records, no checkpoint.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "kind": "ntp"}) + "\n" for s in range(3)))
+    Trainer(load_config(FAST + ["trainer.steps=2"]), tmp_path).train()
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
+def _start(out: Path, *overrides: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "nemo_rlp.train", *FAST, "trainer.steps=500", "checkpoint.every_steps=0",
+               f"logging.output_dir={out}", f"hydra.run.dir={out}/hydra", *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _read_until(proc: subprocess.Popen, pattern: str, lines: list[str]) -> None:
+    import re
+
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return
+    raise AssertionError("".join(lines)[-3000:])
+
+
+@pytest.fixture(scope="module")
+def running_run(tmp_path_factory):
+    """A real run (the entry point) in training, shared by the lock and the SIGINT tests (one start
+    of a run costs more CPU than both checks): (process, its output directory, its lines so far)."""
+    out = tmp_path_factory.mktemp("running")
+    proc = _start(out)
+    lines: list[str] = []
+    try:
+        _read_until(proc, r"step +2/500 ", lines)
+        yield proc, out, lines
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_holder(running_run, tmp_path):
+    """Two runs on one directory used to delete each other's .tmp saves and interleave metrics."""
+    first, out, _ = running_run
+    start = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "nemo_rlp.train", *FAST, f"logging.output_dir={out}", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another run (PID {first.pid} on " in second.stderr
+    assert "training:" not in second.stdout + second.stderr
+    assert time.monotonic() - start < 60
+    assert first.poll() is None  # the holder is untouched
+
+
+def test_sigint_saves_a_checkpoint_and_exits_for_requeue(running_run):
+    """Ctrl-C used to end the run with a KeyboardInterrupt traceback and lose the work since the last
+    checkpoint; now it is a preemption signal (save, exit 75)."""
+    proc, out, lines = running_run
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    lines += proc.stdout.readlines()
+    rc = proc.wait(timeout=120)
+    log = "".join(lines)
+    assert rc == 75, log[-3000:]
+    assert "received SIGINT" in log and "KeyboardInterrupt" not in log
+    (saved,) = ckpt.complete_checkpoints(out / "checkpoints")
+    assert saved[0] >= 2
+    assert [r["step"] for r in _records(out / "metrics.jsonl")] == list(range(saved[0]))
+
+
+def test_a_second_sigint_is_left_to_the_default_action():
+    from nemo_rlp.training.preemption import PreemptionHandler
+
+    with PreemptionHandler(load_config([]).checkpoint.signals) as handler:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert handler.requested() and handler.received == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the second one terminates
