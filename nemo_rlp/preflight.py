@@ -75,10 +75,11 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
 
 
 def preflight(cfg: RunConfig, output_dir: Path, checkpoints: Path) -> RunInputs:
-    """The output paths, then the inputs (module docstring)."""
+    """The inputs, then the output paths (created only once the inputs are known to be good)."""
+    inputs = load_inputs(cfg)
     check_writable(output_dir, "logging.output_dir")
     check_writable(checkpoints, "checkpoint.dir")
-    return load_inputs(cfg)
+    return inputs
 
 
 # ------------------------------------------------------------------------------------------------

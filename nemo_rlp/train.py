@@ -7,8 +7,9 @@ The entry point holds no logic: it validates the composed config, checks every i
 Exit status: 0 done; 2 a config or input error (one line on stderr; nothing ran): a bad value, an
 unknown key, unreadable data, an unwritable output directory, a directory in use by another run, a
 checkpoint that does not fit; 75 (`REQUEUE_EXIT_CODE`) stopped by a preemption signal (SIGTERM,
-SIGUSR1, SIGINT) after saving a checkpoint: requeue and rerun the same command to continue; 1 the
-run stopped on an error (e.g. too many non-finite steps), not worth a requeue.
+SIGUSR1, SIGINT) after saving a checkpoint: requeue and rerun the same command to continue; 1 a
+checkpoint could not be written (e.g. no space left) or the run stopped on an error (e.g. too many
+non-finite steps), not worth a requeue.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main(cfg: DictConfig) -> None:
         _config_error(err)
 
     from nemo_rlp.parallel import distributed
+    from nemo_rlp.training.checkpoint_writer import CheckpointWriteError
     from nemo_rlp.training.loop import Trainer, TrainingHalted
     from nemo_rlp.training.preemption import REQUEUE_EXIT_CODE
 
@@ -61,6 +63,9 @@ def main(cfg: DictConfig) -> None:
         _config_error(err)
     except TrainingHalted as err:
         print(f"training stopped: {err}", file=sys.stderr)
+        sys.exit(1)
+    except CheckpointWriteError as err:  # e.g. a full disk: the message says what to fix
+        print(f"checkpoint error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
         distributed.destroy()

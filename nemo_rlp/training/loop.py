@@ -136,7 +136,8 @@ class Trainer:
         logging.getLogger("nemo_rlp").setLevel(logging.INFO if layout.is_main else logging.WARNING)
         if layout.is_main:  # one run per directory (nemo_rlp.training.run_lock)
             lock_directory(output_dir, "logging.output_dir")
-            lock_directory(directory, "checkpoint.dir")
+            if not directory.resolve().is_relative_to(output_dir.resolve()):  # else covered by the above
+                lock_directory(directory, "checkpoint.dir")
         dp_rank = distributed.data_parallel_rank()
         self.contexts_per_rank = _per_rank(
             cfg.rlp.contexts_per_step, layout.data_parallel, dp_rank, "rlp.contexts_per_step"

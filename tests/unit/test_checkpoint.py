@@ -339,6 +339,14 @@ def test_sigterm_to_the_job_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
     assert ckpt.find_latest(root) == root / "step_0000016"
     # One history in one directory: the default output directory did not change with the resume.
     assert [r["step"] for r in _records(run_dir / "metrics.jsonl")] == list(range(16))
+    # A finished run's rerun has nothing to do, and its report still plots the whole history (it
+    # used to find an empty per-invocation directory and write a report with no plots).
+    again = subprocess.run([*command, "logging.report=true"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=180)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "nothing to do" in again.stdout + again.stderr
+    assert (run_dir / "report" / "ntp_loss.png").is_file() and (run_dir / "report" / "reward.png").is_file()
+    assert "![ntp_loss](ntp_loss.png)" in (run_dir / "report" / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -329,3 +329,66 @@ def test_a_second_sigint_is_left_to_the_default_action():
         os.kill(os.getpid(), signal.SIGINT)
         assert handler.requested() and handler.received == "SIGINT"
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the second one terminates
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and outputs checked before any work: exit 2, one line naming the file, the line and the fix
+# --------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Each case: (overrides, what the one-line error must say)."""
+    from nemo_rlp.data.indexed import write_indexed_dataset
+    from nemo_rlp.data.tokenizer import train_byte_level_bpe
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (tmp_path / "nokey.jsonl").write_text('{"body": "no text key here"}\n')
+    train_byte_level_bpe(["some text to learn from"] * 4, vocab_size=300,
+                         special_tokens=["<|endoftext|>", "<pad>"]).save(str(tmp_path / "nomarkers.json"))
+    write_indexed_dataset(tmp_path / "corpus", [list(range(1, 40))] * 20, vocab_size=1024)
+    shutil.copy(tmp_path / "corpus.idx", tmp_path / "short.idx")
+    (tmp_path / "short.bin").write_bytes((tmp_path / "corpus.bin").read_bytes()[:100])
+    (tmp_path / "a_file").write_text("")
+    return {
+        "empty corpus": ([f"data.corpus={tmp_path}/empty.jsonl"], r"empty\.jsonl"),
+        "bad JSON line": ([f"data.corpus={tmp_path}/bad.jsonl"], r"bad\.jsonl:2: not valid JSON"),
+        "missing text key": ([f"data.corpus={tmp_path}/nokey.jsonl"], r"nokey\.jsonl:1: .*text"),
+        "tokenizer without markers": ([f"data.tokenizer={tmp_path}/nomarkers.json"], r"marker '<think>' is not a token"),
+        "truncated indexed .bin": (["data.format=indexed", "data.rlp_positions=uniform", f"data.corpus={tmp_path}/short"],
+                                   r"short\.bin does not match its index .* rebuild"),
+        "indexed corpus given as .bin": (["data.format=indexed", "data.rlp_positions=uniform", f"data.corpus={tmp_path}/corpus.bin"],
+                                         r"without \.bin: data\.corpus=.*corpus'?$"),
+        "unknown key": (["trainer.stpes=3"], r"no config key 'trainer\.stpes'; did you mean trainer\.steps\?"),
+        "output dir under a file": ([f"logging.output_dir={tmp_path}/a_file/run"],
+                                    r"logging\.output_dir=.* cannot be written \(a file, not a directory"),
+    }
+
+
+CASES = ["empty corpus", "bad JSON line", "missing text key", "tokenizer without markers", "truncated indexed .bin",
+         "indexed corpus given as .bin", "unknown key", "output dir under a file"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_inputs_exit_2_at_once_with_one_line(tmp_path, case):
+    """These used to surface 20-50 s in, inside a 15-20 line Hydra traceback, with exit status 1 (an
+    unknown key: Hydra's 'use +key' hint)."""
+    import re
+    import resource
+
+    overrides, message = _bad_inputs(tmp_path)[case]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "nemo_rlp.train", *TINY_RUN, *overrides, "eval=none",
+                           f"hydra.run.dir={tmp_path}/hydra"], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    wall = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("config error: ") and re.search(message, line), line
+    assert "training:" not in proc.stdout and "model:" not in proc.stdout  # nothing was built
+    # Within 10 s: on an idle machine the wall time (2-4 s here); on a shared CI machine the CPU time.
+    assert cpu < 10, (cpu, wall)
+    assert wall < 60, (cpu, wall)
