@@ -99,7 +99,6 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Names and discovery
 # ------------------------------------------------------------------------------------------------
@@ -392,7 +391,11 @@ class Checkpointer:
             log.info("checkpoint.resume=%s names where this run started; it has checkpoints of its own since "
                      "(a requeue), continuing from %s", resume, own)
             return own
-        return own if own is not None else resolve_checkpoint(requested)
+        if own is not None:
+            return own
+        # Another run's directory: skip its damaged checkpoints, but leave them where they are.
+        found = integrity.newest_loadable(requested, set_aside_damaged=False)
+        return found if found is not None else resolve_checkpoint(requested)
 
     def _supersede_after(self, step: int, why: str) -> None:
         """Move this run's checkpoints newer than `step` out of the way: they belong to a history

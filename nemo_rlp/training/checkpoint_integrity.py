@@ -9,7 +9,8 @@ to read, and where garbage would otherwise go unnoticed). `problem(path)` compar
 with its manifest and says, in words, what is wrong, or None.
 
 `newest_loadable(root)` is what a resume uses: the newest checkpoint without a problem. Every newer
-one that has a problem is renamed `step_XXXXXXX.damaged` (kept for inspection, never picked again,
+one that has a problem is skipped with a warning and, in the run's own directory, renamed
+`step_XXXXXXX.damaged` (kept for inspection, never picked again,
 and no longer counted by keep-last-k, which would otherwise delete the good checkpoint in favour of
 the damaged one) with a warning naming what is wrong.
 
@@ -125,16 +126,16 @@ def set_aside(path: Path, suffix: str) -> Path:
     return target
 
 
-def newest_loadable(root: Path) -> Optional[Path]:
-    """The newest checkpoint under `root` that passes `problem`; newer damaged ones are set aside
-    with a warning (module docstring)."""
+def newest_loadable(root: Path, set_aside_damaged: bool = True) -> Optional[Path]:
+    """The newest checkpoint under `root` that passes `problem`; newer damaged ones are skipped with
+    a warning and, with `set_aside_damaged` (this run's own directory), renamed (module docstring)."""
     for step, path in reversed(step_directories(root)):
         found = problem(path)
         if found is None:
             return path
-        moved = set_aside(path, DAMAGED_SUFFIX)
-        log.warning(
-            "CHECKPOINT DAMAGED: %s cannot be resumed from: %s. Renamed it to %s (kept for inspection) and "
-            "falling back to the previous complete checkpoint.", path, found, moved.name,
-        )
+        what = "Skipping it"
+        if set_aside_damaged:
+            what = f"Renamed it to {set_aside(path, DAMAGED_SUFFIX).name} (kept for inspection)"
+        log.warning("CHECKPOINT DAMAGED: %s cannot be resumed from: %s. %s and falling back to the previous "
+                    "complete checkpoint.", path, found, what)
     return None
