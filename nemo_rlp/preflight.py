@@ -32,9 +32,11 @@ class RunInputs:
     eval_positions: Optional[list] = None
 
 
-def check_writable(directory: Path, key: str) -> None:
-    """Create `directory` if needed and prove that a file can be written in it."""
+def check_writable(directory: Path, key: str) -> list[Path]:
+    """Create `directory` if needed and prove that a file can be written in it; returns the
+    directories this created (outermost first)."""
     directory = Path(directory)
+    created = [p for p in [*reversed(directory.parents), directory] if not p.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
@@ -44,6 +46,7 @@ def check_writable(directory: Path, key: str) -> None:
         why = ("a file, not a directory, is in the way: " + str(blocker)) if blocker.is_file() else (
             error.strerror or str(error))
         raise ConfigError(f"{key}={str(directory)!r} cannot be written ({why}); give {key} a writable directory") from None
+    return created
 
 
 def load_inputs(cfg: RunConfig) -> RunInputs:
@@ -75,11 +78,18 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
 
 
 def preflight(cfg: RunConfig, output_dir: Path, checkpoints: Path) -> RunInputs:
-    """The inputs, then the output paths (created only once the inputs are known to be good)."""
-    inputs = load_inputs(cfg)
-    check_writable(output_dir, "logging.output_dir")
-    check_writable(checkpoints, "checkpoint.dir")
-    return inputs
+    """The output paths (quick), then the inputs; directories created here are removed again when
+    an input is bad, so that a run that never started leaves nothing behind."""
+    created = check_writable(output_dir, "logging.output_dir") + check_writable(checkpoints, "checkpoint.dir")
+    try:
+        return load_inputs(cfg)
+    except ConfigError:
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (another process wrote there): leave it
+                pass
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
