@@ -1,5 +1,6 @@
 """Everything a run reads or writes, checked before any model is built: the output and checkpoint
-directories, the tokenizer, the corpus, the held-out set.
+directories (writable, and not in use by another run: nemo_rlp.training.run_lock), the tokenizer,
+the corpus, the held-out set.
 
 A bad input used to surface 20-50 s into a run (after the process group, megatron-core and the
 model), inside a Hydra traceback, with exit status 1. Here each problem becomes a `ConfigError`
@@ -78,12 +79,19 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
 
 
 def preflight(cfg: RunConfig, output_dir: Path, checkpoints: Path) -> RunInputs:
-    """The output paths (quick), then the inputs; directories created here are removed again when
-    an input is bad, so that a run that never started leaves nothing behind."""
+    """The output paths and the run lock (quick: a second run on a directory in use stops in about
+    a second), then the inputs; what this created is removed again when an input is bad, so that a
+    run that never started leaves nothing behind."""
+    from nemo_rlp.parallel.distributed import launch_rank
+    from nemo_rlp.training.run_lock import lock_run_directories, release_directory
+
     created = check_writable(output_dir, "logging.output_dir") + check_writable(checkpoints, "checkpoint.dir")
+    locked = lock_run_directories(output_dir, checkpoints) if launch_rank() == 0 else []
     try:
         return load_inputs(cfg)
     except ConfigError:
+        for directory in locked:
+            release_directory(directory)
         for directory in reversed(created):
             try:
                 directory.rmdir()

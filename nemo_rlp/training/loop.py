@@ -35,7 +35,7 @@ from nemo_rlp.training.metrics import MetricsLogger
 from nemo_rlp.training.policy import PolicyWithTeacher
 from nemo_rlp.training.preemption import PreemptionHandler
 from nemo_rlp.training.report import first_and_last_fifth, read_metrics, write_report
-from nemo_rlp.training.run_lock import lock_directory
+from nemo_rlp.training.run_lock import lock_run_directories
 from nemo_rlp.training.schedule import NTP, step_kind
 from nemo_rlp.training.steps import SKIP_REASON, ntp_step, rlp_step
 
@@ -134,10 +134,8 @@ class Trainer:
         self.layout = layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
         # One voice: the other ranks report only warnings and errors.
         logging.getLogger("nemo_rlp").setLevel(logging.INFO if layout.is_main else logging.WARNING)
-        if layout.is_main:  # one run per directory (nemo_rlp.training.run_lock)
-            lock_directory(output_dir, "logging.output_dir")
-            if not directory.resolve().is_relative_to(output_dir.resolve()):  # else covered by the above
-                lock_directory(directory, "checkpoint.dir")
+        if layout.is_main:  # one run per directory (nemo_rlp.training.run_lock; a no-op after preflight)
+            lock_run_directories(output_dir, directory)
         dp_rank = distributed.data_parallel_rank()
         self.contexts_per_rank = _per_rank(
             cfg.rlp.contexts_per_step, layout.data_parallel, dp_rank, "rlp.contexts_per_step"

@@ -49,3 +49,23 @@ def lock_directory(directory: Path, key: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _held[resolved] = fd
+
+
+def release_directory(directory: Path) -> None:
+    """Give up this process's lock on `directory` and remove the lock file (for a run that will
+    not start after all: it leaves nothing behind)."""
+    fd = _held.pop(str(Path(directory).resolve()), None)
+    if fd is not None:
+        (Path(directory) / LOCK_FILE).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def lock_run_directories(output_dir: Path, checkpoints: Path) -> list[Path]:
+    """Lock the output directory, and the checkpoint directory when it lies outside it; returns
+    the directories locked."""
+    locked = [Path(output_dir)]
+    lock_directory(output_dir, "logging.output_dir")
+    if not Path(checkpoints).resolve().is_relative_to(Path(output_dir).resolve()):
+        lock_directory(checkpoints, "checkpoint.dir")
+        locked.append(Path(checkpoints))
+    return locked
