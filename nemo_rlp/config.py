@@ -181,7 +181,8 @@ class ParallelConfig:
 
 @dataclass
 class LoggingConfig:
-    # None: the Hydra run directory (outputs/DATE/TIME).
+    # None: outputs/<model.name>-<hash of the config less volatile keys>, relative to the launch
+    # directory: the same for every invocation of one run (checkpoints, metrics and report together).
     output_dir: Optional[str] = None
     metrics_file: str = "metrics.jsonl"
     tensorboard: bool = True
@@ -214,16 +215,15 @@ SIGNAL_NAMES_UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 class CheckpointConfig:
     """Checkpoints (nemo_rlp.training.checkpoint) and preemption (nemo_rlp.training.preemption)."""
 
-    # None: <logging.output_dir>/checkpoints when logging.output_dir is set; else
-    # outputs/checkpoints/<model.name>-<hash of the config less volatile keys>, relative to the
-    # launch directory, so that rerunning the same command finds the same directory.
+    # None: <output directory>/checkpoints (logging.output_dir, or its default), so that rerunning
+    # the same command finds the same directory.
     dir: Optional[str] = None
     every_steps: int = 100  # 0: only at the end of the run and on a preemption signal
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a save
-    # auto: continue from the latest complete checkpoint in `dir` if there is one; never: start
-    # fresh (saves still go to `dir`, replacing its checkpoints of the same step); PATH: start from
-    # that checkpoint (a step_XXXXXXX directory, or a directory of them: its latest) unless `dir`
-    # already holds one of this run's.
+    # auto: continue from the newest checkpoint in `dir` that passes its integrity check; never:
+    # start fresh (the directory's checkpoints are moved to `dir`/superseded-<time>/); PATH: start
+    # from that checkpoint (a step_XXXXXXX directory, always; a directory of them: its newest, unless
+    # `dir` already holds checkpoints of this run, as after a requeue).
     resume: str = "auto"
     # Start the policy from these weights when there is nothing to resume from: the output of
     # recipes/import_checkpoint.py, or any training checkpoint (its policy only; the optimizer,
@@ -238,8 +238,9 @@ class CheckpointConfig:
     save_timeout_s: float = 1800.0
     # Signals that ask for a checkpoint at the next step boundary and an exit with the requeue
     # status (nemo_rlp.training.preemption.REQUEUE_EXIT_CODE); Slurm sends SIGTERM on preemption
-    # and, with `--signal=USR1@SECONDS`, SIGUSR1 that long before the time limit.
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # and, with `--signal=USR1@SECONDS`, SIGUSR1 that long before the time limit; SIGINT is Ctrl-C.
+    # A second one ends the process at once.
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
 
 @dataclass
@@ -266,7 +267,13 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
         run = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}': {_first_line(err)}") from None
+        hint = ""
+        if "not in" in _first_line(err):  # an unknown key: name the one it most likely meant
+            from nemo_rlp.preflight import nearest_key
+
+            suggestion = nearest_key(key)
+            hint = f"; did you mean {suggestion}?" if suggestion else ""
+        raise ConfigError(f"config key '{key}': {_first_line(err)}{hint}") from None
     assert isinstance(run, RunConfig)
     validate(run)
     return run
@@ -380,6 +387,9 @@ def validate(cfg: RunConfig) -> None:
                 bundled = " (or null for the bundled one)" if key == "data.corpus" else ""
                 _fail(key, path, f"an existing file{bundled}")
             continue
+        stem, dot_suffix = path[:-4], path[-4:]
+        if dot_suffix in (".bin", ".idx") and Path(stem + ".bin").is_file() and Path(stem + ".idx").is_file():
+            _fail(key, path, f"the path prefix of an indexed dataset, without {dot_suffix}: {key}={stem}")
         for suffix in (".bin", ".idx"):
             if not Path(path + suffix).is_file():
                 _fail(key, path, f"the path prefix of an indexed dataset, but {path}{suffix} does not exist "

@@ -1,11 +1,15 @@
 """Train with RLP: `python -m nemo_rlp.train [hydra overrides]`.
 
 With no overrides this is the embedded default (a tiny model on the bundled corpus, CPU, minutes).
-The entry point holds no logic: it validates the composed config and hands it to the loop.
+The entry point holds no logic: it validates the composed config, checks every input and output path
+(`nemo_rlp.preflight`) and hands them to the loop.
 
-Exit status: 0 done; 2 a config error (nothing ran); 75 (`REQUEUE_EXIT_CODE`) stopped by a
-preemption signal after saving a checkpoint: requeue and rerun the same command to continue; 1 the
-run stopped on an error (e.g. too many non-finite steps), not worth a requeue.
+Exit status: 0 done; 2 a config or input error (one line on stderr; nothing ran): a bad value, an
+unknown key, unreadable data, an unwritable output directory, a directory in use by another run, a
+checkpoint that does not fit; 75 (`REQUEUE_EXIT_CODE`) stopped by a preemption signal (SIGTERM,
+SIGUSR1, SIGINT) after saving a checkpoint: requeue and rerun the same command to continue; 1 a
+checkpoint could not be written (e.g. no space left) or the run stopped on an error (e.g. too many
+non-finite steps), not worth a requeue.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import warnings
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from nemo_rlp.config import ConfigError, to_run_config
@@ -30,28 +33,39 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine is not installed
 logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
+def _config_error(err: ConfigError) -> None:
+    print(f"config error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from nemo_rlp.preflight import preflight
+    from nemo_rlp.run_dirs import checkpoint_dir, default_output_dir
+
     try:
         run_cfg = to_run_config(cfg)
+        # One directory per run, the same for every invocation (not Hydra's per-invocation one):
+        # a resume finds its checkpoints, metrics.jsonl and report there.
+        output_dir = Path(run_cfg.logging.output_dir or default_output_dir(run_cfg)).absolute()
+        inputs = preflight(run_cfg, output_dir, checkpoint_dir(run_cfg, output_dir))
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    output_dir = Path(run_cfg.logging.output_dir or HydraConfig.get().runtime.output_dir)
+        _config_error(err)
 
     from nemo_rlp.parallel import distributed
+    from nemo_rlp.training.checkpoint_writer import CheckpointWriteError
     from nemo_rlp.training.loop import Trainer, TrainingHalted
     from nemo_rlp.training.preemption import REQUEUE_EXIT_CODE
 
     try:
-        # Hydra's run directory changes per invocation: checkpoints then go to a directory that the
-        # same command finds again (nemo_rlp.training.checkpoint.checkpoint_dir).
-        summary = Trainer(run_cfg, output_dir, output_dir_is_stable=run_cfg.logging.output_dir is not None).train()
+        summary = Trainer(run_cfg, output_dir, inputs=inputs).train()
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _config_error(err)
     except TrainingHalted as err:
         print(f"training stopped: {err}", file=sys.stderr)
+        sys.exit(1)
+    except CheckpointWriteError as err:  # e.g. a full disk: the message says what to fix
+        print(f"checkpoint error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
         distributed.destroy()
@@ -62,5 +76,16 @@ def main(cfg: DictConfig) -> None:
     log.info("done.\n%s", summary.table())
 
 
+def check_command_line() -> None:
+    """Unknown keys, before Hydra sees them (it would exit 1 advising `+key`)."""
+    from nemo_rlp.preflight import check_overrides
+
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        _config_error(err)
+
+
 if __name__ == "__main__":
+    check_command_line()
     main()

@@ -43,6 +43,12 @@ def check_layout(cfg: ParallelConfig, world_size: int) -> int:
     return world_size // model_parallel
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 without a launcher), readable before
+    the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def initialize(cfg: ParallelConfig, seed: int) -> ParallelLayout:
     """Start torch.distributed and megatron-core's parallel state; seed megatron's RNG tracker.
 
@@ -56,7 +62,7 @@ def initialize(cfg: ParallelConfig, seed: int) -> ParallelLayout:
         raise ConfigError("parallel.backend='nccl' needs CUDA, which is not available; use 'gloo' or 'auto'")
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     data_parallel = check_layout(cfg, world_size)
 

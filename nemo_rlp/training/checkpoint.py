@@ -13,6 +13,8 @@ A checkpoint directory (`checkpoint.dir`) holds one directory per saved step:
         rank_state/rank00000.pt   one per rank (torch.save): data-iterator states, the rollout
                                   generator, torch / numpy / python / megatron-tracker RNG states
         config.json               the resolved config that saved it
+        manifest.json             the size of every file above, and a checksum of the small ones
+                                  (nemo_rlp.training.checkpoint_integrity)
         complete.json             the completion marker, written last: step, layout, ranks
     step_0000050.tmp/             a save in progress, or one a crash interrupted: never read
 
@@ -29,11 +31,21 @@ rank (data iterators and the rollout generator are identical across a replica's 
 data-parallel size changes, the data streams cannot continue where they were: they restart from
 seeds derived from the step, with a warning.
 
-`resume: auto` picks the latest complete checkpoint of `checkpoint.dir`. So that rerunning the same
-command finds it, the default directory does not depend on the Hydra run directory (which changes per
-invocation): it is `<logging.output_dir>/checkpoints` when `logging.output_dir` is set, and otherwise
-`outputs/checkpoints/<model.name>-<hash>` under the launch directory, the hash over the resolved
-config less the keys that may change between invocations of one run (`VOLATILE_KEYS`).
+`resume: auto` picks the newest checkpoint of `checkpoint.dir` that passes its integrity check
+against the manifest (`checkpoint_integrity.newest_loadable`): a damaged newer one is renamed
+`.damaged` with a loud warning, and the previous one is used. `resume: PATH` starts from PATH when it
+is one checkpoint (a step directory) or this run's own checkpoint directory; PATH a directory of
+*another* run's checkpoints is where a new run starts, so a requeued run (same command) continues from
+its own checkpoints instead. Starting from a checkpoint older than this run's newest (or
+`resume: never` in a directory with checkpoints) starts another history: the newer checkpoints are
+moved to `superseded-<time>/` under the checkpoint directory, out of every later resume's way.
+
+One run, one directory. So that rerunning the same command finds its checkpoints *and* its history
+(`metrics.jsonl`, the report), the default output directory does not depend on the Hydra run
+directory (which changes per invocation): it is `logging.output_dir` when set, and otherwise
+`outputs/<model.name>-<hash>` under the launch directory (`default_output_dir`), the hash over the
+resolved config less the keys that may change between invocations of one run (`VOLATILE_KEYS`).
+Checkpoints go to `<output directory>/checkpoints` unless `checkpoint.dir` says otherwise.
 
 Async save (`checkpoint.async_save`): the tensors are written by megatron-core's async machinery in
 a forked process while training continues; the marker and the rename run when every rank's write has
@@ -48,8 +60,6 @@ directory, and leaves the previous complete checkpoint the one a resume picks.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import os
@@ -65,7 +75,17 @@ import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.parallel.distributed import ParallelLayout
-from nemo_rlp.training.checkpoint_writer import CheckpointWriteError, child_pids, kill_children, run_bounded
+from nemo_rlp.run_dirs import VOLATILE_KEYS, _without, checkpoint_dir, default_output_dir, run_id  # noqa: F401
+from nemo_rlp.training import checkpoint_integrity as integrity
+from nemo_rlp.training.checkpoint_writer import (
+    CheckpointWriteError,
+    child_pids,
+    children_die_with_me,
+    describe_failure,
+    kill_children,
+    run_bounded,
+    start_results_queue,
+)
 
 log = logging.getLogger("nemo_rlp")
 
@@ -77,10 +97,6 @@ TMP_SUFFIX = ".tmp"
 TEACHER_PREFIX = "ema_teacher."
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
-
-# Keys that may differ between invocations of the same run: they are left out of the default
-# directory's hash, and differences in them are not reported on resume.
-VOLATILE_KEYS = ("logging", "checkpoint", "parallel", "trainer.steps", "trainer.max_consecutive_skips")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,38 +171,6 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_id(cfg: RunConfig) -> str:
-    """`<model.name>-<hash>`: the same for every invocation of one run (see `VOLATILE_KEYS`)."""
-    stable = _without(as_dict(cfg), VOLATILE_KEYS)
-    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{cfg.model.name}-{digest}"
-
-
-def checkpoint_dir(cfg: RunConfig, output_dir: Path | None = None, cwd: Path | None = None) -> Path:
-    """Where this run's checkpoints live (module docstring): absolute, the same on every rank.
-    `output_dir`: a run directory that stays the same between invocations (default:
-    `logging.output_dir`), whose `checkpoints/` is then the default."""
-    output_dir = output_dir if output_dir is not None else cfg.logging.output_dir
-    if cfg.checkpoint.dir is not None:
-        path = Path(cfg.checkpoint.dir)
-    elif output_dir is not None:
-        path = Path(output_dir) / "checkpoints"
-    else:
-        path = Path("outputs") / "checkpoints" / run_id(cfg)
-    return path if path.is_absolute() else Path(cwd or Path.cwd()) / path
-
-
-def _without(tree: dict, dotted_keys: tuple[str, ...]) -> dict:
-    tree = copy.deepcopy(tree)
-    for dotted in dotted_keys:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for key in parents:
-            node = node.get(key, {})
-        node.pop(leaf, None)
-    return tree
-
-
 def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]:
     """'key: saved -> current' for the non-volatile keys that differ."""
     out: list[str] = []
@@ -200,6 +184,33 @@ def config_differences(saved: dict, current: dict, limit: int = 12) -> list[str]
 
     walk(_without(saved, VOLATILE_KEYS), _without(current, VOLATILE_KEYS), "")
     return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+# What a checkpoint's shapes depend on: a difference here explains a load that fails.
+SHAPE_KEYS = ("model.", "data.tokenizer", "parallel.")
+
+
+def load_error(path: Path, error: BaseException, cfg: RunConfig) -> ConfigError:
+    """The error for a checkpoint that passed its integrity check but did not load into this model:
+    names the config keys that differ from the ones it was saved with, when it can."""
+    try:
+        saved = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        saved = None
+    detail = f"{type(error).__name__}: {str(error).strip()[:300]}"
+    if saved is None:
+        return ConfigError(f"checkpoint {path} does not fit this model ({detail}); it has no readable {CONFIG_FILE} "
+                           "to compare with. Resume with the model config it was saved with, or set "
+                           "checkpoint.resume=never or another checkpoint.dir")
+    differing = [d for d in config_differences(saved, as_dict(cfg), limit=100) if d.startswith(SHAPE_KEYS)]
+    if differing:
+        return ConfigError(
+            f"checkpoint {path} does not fit this model: it was saved with {'; '.join(differing[:8])} (saved -> "
+            "now). Resume with the values it was saved with, or start this model elsewhere (another "
+            "logging.output_dir or checkpoint.dir)"
+        )
+    return ConfigError(f"checkpoint {path} passed its integrity check and was saved with this model config, but "
+                       f"did not load ({detail}); pick an older checkpoint with checkpoint.resume=<its step directory>")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,44 +349,66 @@ class Checkpointer:
         self._async_tmp: Optional[Path] = None
         # megatron-core's torch_dist writer hands its results back through a helper process that it
         # starts at the first save. Started now, with the preemption signals ignored, it inherits
-        # SIG_IGN and survives the SIGTERM that Slurm sends to every process of the job step.
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-
+        # SIG_IGN and survives the SIGTERM that Slurm sends to every process of the job step; started
+        # by `start_results_queue`, it dies with this process (checkpoint_writer's docstring).
         from nemo_rlp.training.preemption import signals_ignored
 
-        start_helper = getattr(filesystem_async, "_get_write_results_queue", None)
-        if start_helper is None:
-            log.warning("megatron-core's checkpoint writer changed (no _get_write_results_queue): a preemption "
-                        "signal sent to every process may kill its helper before the preemption save")
-        else:
-            with signals_ignored(cfg.checkpoint.signals):
-                start_helper()
+        with signals_ignored(cfg.checkpoint.signals):
+            if not start_results_queue():
+                log.warning("megatron-core's checkpoint writer changed (no _get_write_results_queue): a preemption "
+                            "signal sent to every process may kill its helper before the preemption save")
 
     # --------------------------------------------------------------------------------------------
     # Which checkpoint to start from
     # --------------------------------------------------------------------------------------------
 
     def resume_path(self) -> Optional[Path]:
-        """The checkpoint this run starts from, by `checkpoint.resume` (rank 0 decides)."""
-        resume = self.cfg.checkpoint.resume
-        path = None
-        if self.layout.is_main:
-            own = find_latest(self.directory)
-            if resume == "never":
-                if own is not None:
-                    log.warning(
-                        "checkpoint.resume=never: not resuming from %s; saves to %s replace checkpoints of the "
-                        "same step", own, self.directory,
-                    )
-            elif resume == "auto":
-                path = own
-            elif own is not None:
-                log.info("checkpoint.resume=%s: this run already has checkpoints, continuing from %s", resume, own)
-                path = own
-            else:
-                path = resolve_checkpoint(Path(resume))
+        """The checkpoint this run starts from, by `checkpoint.resume` (rank 0 decides; module docstring)."""
+        path = self._choose_resume() if self.layout.is_main else None
         path = _broadcast(None if path is None else str(path))
         return None if path is None else Path(path)
+
+    def _choose_resume(self) -> Optional[Path]:
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            self._supersede_after(-1, "checkpoint.resume=never")
+            return None
+        if resume == "auto":
+            return integrity.newest_loadable(self.directory)
+        requested = Path(resume).absolute()
+        if _STEP_DIR.match(requested.name):  # one checkpoint, named exactly: honoured as it is
+            found = integrity.problem(requested)
+            if found:
+                raise ConfigError(
+                    f"checkpoint.resume={resume!r} cannot be resumed from: {found}. Pick another checkpoint "
+                    f"(checkpoint.resume=<its step directory>) or checkpoint.resume=auto for the newest that loads"
+                )
+            if requested.parent.resolve() == self.directory.resolve():
+                self._supersede_after(int(_STEP_DIR.match(requested.name)[1]), f"checkpoint.resume={resume}")
+            return requested
+        own = integrity.newest_loadable(self.directory)
+        if own is not None and requested.resolve() != self.directory.resolve():
+            log.info("checkpoint.resume=%s names where this run started; it has checkpoints of its own since "
+                     "(a requeue), continuing from %s", resume, own)
+            return own
+        if own is not None:
+            return own
+        # Another run's directory: skip its damaged checkpoints, but leave them where they are.
+        found = integrity.newest_loadable(requested, set_aside_damaged=False)
+        return found if found is not None else resolve_checkpoint(requested)
+
+    def _supersede_after(self, step: int, why: str) -> None:
+        """Move this run's checkpoints newer than `step` out of the way: they belong to a history
+        that this invocation abandons (a later `resume=auto` must not pick them)."""
+        newer = [p for s, p in integrity.step_directories(self.directory) if s > step]
+        if not newer:
+            return
+        aside = self.directory / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in newer:
+            os.replace(path, aside / path.name)
+        log.warning("%s: starting another history; moved the newer checkpoints %s to %s (delete them when no "
+                    "longer needed)", why, ", ".join(p.name for p in newer), aside)
 
     # --------------------------------------------------------------------------------------------
     # Saving
@@ -399,11 +432,15 @@ class Checkpointer:
             (tmp / RANK_DIR).mkdir()
         _barrier()
 
+        what = f"checkpoint step {step} to {final}"
         coordinates = _rank_coordinates(self.layout)
-        torch.save(
-            {"coordinates": coordinates, "layout": _layout_dict(self.layout), **rank_state},
-            tmp / RANK_DIR / f"rank{self.layout.rank:05d}.pt",
-        )
+        try:
+            torch.save(
+                {"coordinates": coordinates, "layout": _layout_dict(self.layout), **rank_state},
+                tmp / RANK_DIR / f"rank{self.layout.rank:05d}.pt",
+            )
+        except (OSError, RuntimeError) as error:
+            self._fail(tmp, what, error)
         ranks = _gather(coordinates)
 
         from megatron.core import dist_checkpointing
@@ -426,24 +463,36 @@ class Checkpointer:
             request = dist_checkpointing.save(state, str(tmp / DIST_DIR), async_sharded_save=True)
             request.finalize_fns.append(finalize)
             before = child_pids()
-            self._queue().schedule_async_request(request)
+            with children_die_with_me():
+                self._queue().schedule_async_request(request)
             self._async_writers = child_pids() - before
             self._async_tmp = tmp
             self.last_saved_step = step
             log.info("checkpoint: step %d being written to %s in the background", step, final)
             return final
-        what = f"checkpoint step {step} to {final}"
         try:
-            run_bounded(lambda: dist_checkpointing.save(state, str(tmp / DIST_DIR)),
-                        self.cfg.checkpoint.save_timeout_s, what)
-        except Exception as error:
-            self._discard(tmp)
-            if isinstance(error, CheckpointWriteError):
-                raise
-            raise CheckpointWriteError(f"{what} failed: {error}") from error
-        finalize()
+            with children_die_with_me():
+                run_bounded(lambda: dist_checkpointing.save(state, str(tmp / DIST_DIR)),
+                            self.cfg.checkpoint.save_timeout_s, what)
+        except (Exception, torch.distributed.checkpoint.api.CheckpointException) as error:  # a BaseException
+            self._fail(tmp, what, error)
+        try:
+            finalize()
+        except OSError as error:
+            if describe_failure(error, self.directory).startswith("no space left"):
+                self._fail(tmp, what, error)
+            raise  # anything else is a crash: its .tmp stays for the next save to remove
         self.last_saved_step = step
         return final
+
+    def _fail(self, tmp: Path, what: str, error: BaseException) -> None:
+        """A save failed: say why (a full disk by name), remove its `.tmp`, raise CheckpointWriteError."""
+        reason = None if isinstance(error, CheckpointWriteError) else describe_failure(error, tmp.parent)
+        self._discard(tmp)
+        if reason is None:
+            raise error
+        raise CheckpointWriteError(f"{what} failed: {reason}. The checkpoint was not completed; the previous "
+                                   "complete checkpoint is still the one a resume picks.") from error
 
     def _discard(self, tmp: Path) -> None:
         """Remove a failed save's `.tmp` directory, so that only complete checkpoints remain."""
@@ -461,6 +510,7 @@ class Checkpointer:
                     with open(path, "rb") as f:
                         os.fsync(f.fileno())
             _write_json(tmp / CONFIG_FILE, as_dict(self.cfg))
+            _write_json(tmp / integrity.MANIFEST, integrity.manifest_of(tmp))
             _write_json(tmp / MARKER, marker)
             _fsync_dir(tmp)
             if final.exists():  # resume=never over an older run's checkpoint of the same step

@@ -14,14 +14,34 @@ On failure the processes the write started are killed (multiprocessing would oth
 survivors at interpreter exit) and `CheckpointWriteError` is raised; the thread left blocked in
 megatron's wait is a daemon and holds nothing the caller needs. The calling thread waits in short
 slices, so signal handlers (preemption, a second SIGTERM) keep running while a save is in progress.
+
+Helpers die with the trainer. megatron-core keeps a `multiprocessing` Manager process (its results
+queue, started with the preemption signals ignored so that a job-wide SIGTERM does not kill it) and
+forks writer processes (from the trainer for a synchronous save, from its background process for an
+async one). When the trainer is killed with SIGKILL nothing tells them: they used to stay alive for
+hours, reparented to PID 1 and deaf to SIGTERM. On Linux each now asks the kernel for SIGKILL when
+its parent ends (`prctl(PR_SET_PDEATHSIG)`): `start_results_queue` starts the Manager with that as
+its initializer, and an at-fork hook sets it in every process forked while `children_die_with_me` is
+active (the hook is registered once; the flag keeps it to checkpoint writes). The kernel sends the
+signal when the *thread* that forked the child ends: the writers are joined before their thread
+returns, and the Manager is started from the main thread.
+
+A full disk. torch's zip writer reports a short write as "unexpected pos 704 vs 598", and a writer
+process's OSError arrives wrapped; `describe_failure` says "no space left on <dir>" when the error
+chain or the file system's free space says so.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import psutil
@@ -35,6 +55,109 @@ POLL_SECONDS = 0.1
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint write failed or did not finish in time; the checkpoint was not completed."""
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when the parent thread that started it ends (Linux; a
+    no-op elsewhere). `parent_pid`: the parent's PID, to catch a parent that died before this ran."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # reparented already: the signal would never come
+        os._exit(1)
+
+
+# Whether a process forked now must die with this one (inherited by the child, so that a background
+# writer's own forks are covered too); the PID of the process about to fork.
+_children_die_with_me = False
+_forking_pid = os.getpid()
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    if _children_die_with_me:
+        die_with_parent(_forking_pid)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+class children_die_with_me:
+    """While active, every process forked from this one (and from those) dies with its parent."""
+
+    def __enter__(self) -> None:
+        global _children_die_with_me
+        self._previous, _children_die_with_me = _children_die_with_me, True
+
+    def __exit__(self, *exc) -> None:
+        global _children_die_with_me
+        _children_die_with_me = self._previous
+
+
+def start_results_queue() -> bool:
+    """Start megatron-core's results-queue Manager (filesystem_async) so that it dies with this
+    process; False if megatron-core no longer has that helper (then nothing is started)."""
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_get_write_results_queue"):
+        return False
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        # The queue's proxy keeps the manager alive; megatron reuses a queue that is already set.
+        filesystem_async._results_queue = manager.Queue()
+    return True
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch's zip writer (torch.save) turns a short write into this, without the errno.
+SHORT_WRITE_TEXT = ("unexpected pos", "No space left on device", "Disk quota exceeded")
+LOW_FREE_BYTES = 16 * 2**20
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def free_bytes(directory: Path) -> Optional[int]:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def describe_failure(error: BaseException, directory: Path) -> str:
+    """What made a checkpoint write fail, in words: 'no space left on <dir> (N MiB free)' when the
+    error or the file system says the disk is full, else the error itself. Call it before the failed
+    save's files are removed (they hold the space that ran out)."""
+    chain = _error_chain(error)
+    no_space = any(isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS for e in chain)
+    text = " ".join(str(e) for e in chain)
+    free = free_bytes(directory)
+    if not no_space and any(marker in text for marker in SHORT_WRITE_TEXT):
+        no_space = free is None or free < LOW_FREE_BYTES or "unexpected pos" not in text
+    if no_space:
+        left = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return (f"no space left on the file system of {directory} ({left}); free some space or point "
+                f"checkpoint.dir elsewhere, lower checkpoint.keep_last, then rerun the same command "
+                f"(the error: {type(error).__name__}: {str(error).strip()[:200]})")
+    return f"{type(error).__name__}: {str(error).strip()[:500]}"
 
 
 def child_pids() -> set[int]:

@@ -24,17 +24,18 @@ import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.data.sampling import ContextSampler, NTPBatcher, document_lengths
-from nemo_rlp.data.sources import load_documents
-from nemo_rlp.data.tokenizer import Tokenizer, load_tokenizer
+from nemo_rlp.data.tokenizer import Tokenizer
 from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed
+from nemo_rlp.preflight import RunInputs, load_inputs
 from nemo_rlp.rollout.sampler import Markers
-from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, rng_state, set_rng_state
-from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation, load_heldout
+from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, load_error, rng_state, set_rng_state
+from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation
 from nemo_rlp.training.metrics import MetricsLogger
 from nemo_rlp.training.policy import PolicyWithTeacher
 from nemo_rlp.training.preemption import PreemptionHandler
 from nemo_rlp.training.report import first_and_last_fifth, read_metrics, write_report
+from nemo_rlp.training.run_lock import lock_run_directories
 from nemo_rlp.training.schedule import NTP, step_kind
 from nemo_rlp.training.steps import SKIP_REASON, ntp_step, rlp_step
 
@@ -121,24 +122,29 @@ def _per_rank(total: int, data_parallel: int, rank: int, key: str) -> int:
 class Trainer:
     """Everything a run holds, built from a validated config; `train()` runs the schedule."""
 
-    def __init__(self, cfg: RunConfig, output_dir: Path, output_dir_is_stable: bool = True):
-        """`output_dir_is_stable`: whether a rerun of the same command gets the same `output_dir`
-        (False for Hydra's per-invocation run directory); if it does, checkpoints default to
-        `output_dir/checkpoints` (nemo_rlp.training.checkpoint.checkpoint_dir)."""
+    def __init__(self, cfg: RunConfig, output_dir: Path, output_dir_is_stable: bool = True,
+                 inputs: Optional[RunInputs] = None):
+        """`output_dir_is_stable`: whether a rerun of the same command gets the same `output_dir`;
+        if not, checkpoints go to the default directory (nemo_rlp.training.checkpoint.checkpoint_dir).
+        `inputs`: the tokenizer and data, already loaded and checked (nemo_rlp.preflight)."""
         self.start_time = time.perf_counter()
         self.cfg = cfg
-        self.output_dir = output_dir
+        self.output_dir = output_dir = Path(output_dir)
+        directory = checkpoint_dir(cfg, output_dir if output_dir_is_stable else None)
         self.layout = layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)
         # One voice: the other ranks report only warnings and errors.
         logging.getLogger("nemo_rlp").setLevel(logging.INFO if layout.is_main else logging.WARNING)
+        if layout.is_main:  # one run per directory (nemo_rlp.training.run_lock; a no-op after preflight)
+            lock_run_directories(output_dir, directory)
         dp_rank = distributed.data_parallel_rank()
         self.contexts_per_rank = _per_rank(
             cfg.rlp.contexts_per_step, layout.data_parallel, dp_rank, "rlp.contexts_per_step"
         )
         self.ntp_per_rank = _per_rank(cfg.trainer.ntp_batch_size, layout.data_parallel, dp_rank, "trainer.ntp_batch_size")
 
-        self.tokenizer = tokenizer = load_tokenizer(cfg.data, cfg.rlp)
-        documents = load_documents(cfg.data, tokenizer)
+        inputs = inputs if inputs is not None else load_inputs(cfg)
+        self.tokenizer = tokenizer = inputs.tokenizer
+        documents = inputs.documents
         vocab_size = padded_vocab_size(cfg.model, tokenizer.vocab_size, layout.tensor_parallel)
         log.info(
             "data: %d documents, %d tokens; tokenizer vocabulary %d, model vocabulary %d",
@@ -151,7 +157,7 @@ class Trainer:
         log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
 
         # Read (and checked) up front: a bad held-out file should not wait for the end of the run.
-        self.eval_positions = load_heldout(cfg.eval, cfg.data, tokenizer) if cfg.eval.enabled else None
+        self.eval_positions = inputs.eval_positions
 
         # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
         self._documents = documents
@@ -163,7 +169,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.summary = RunSummary(output_dir=str(output_dir))
 
-        self.checkpointer = Checkpointer(cfg, layout, checkpoint_dir(cfg, output_dir if output_dir_is_stable else None))
+        self.checkpointer = Checkpointer(cfg, layout, directory)
         self.summary.checkpoint_dir = str(self.checkpointer.directory)
         self.resumed_from = self.checkpointer.resume_path()
         if self.resumed_from is not None:
@@ -243,7 +249,7 @@ class Trainer:
         cfg = self.cfg
         metrics = MetricsLogger(
             self.output_dir, cfg.logging.metrics_file, cfg.logging.tensorboard, self.layout.is_main, cfg.trainer.steps,
-            resume_step=self.step if self.resumed_from is not None else None,
+            resume_step=self.step,  # also 0: a fresh start in a used directory begins a new history
         )
         if self.layout.is_main:
             (self.output_dir / "resolved_config.json").write_text(json.dumps(as_dict(cfg), indent=2))
@@ -342,12 +348,8 @@ class Trainer:
 
         try:
             common, rank, same_layout = self.checkpointer.load(path, self.model)
-        except (KeyError, RuntimeError, ValueError, CheckpointingException, CheckpointException) as err:
-            raise ConfigError(
-                f"checkpoint {path} does not fit this model ({type(err).__name__}: {str(err).strip()[:500]}); "
-                "resume with the model config it was saved with, or set checkpoint.resume=never or another "
-                "checkpoint.dir"
-            ) from err
+        except (KeyError, RuntimeError, ValueError, OSError, CheckpointingException, CheckpointException) as err:
+            raise load_error(path, err, self.cfg) from err
         self.step = int(common["step"])
         self.consecutive_skips = int(common["consecutive_skips"])
         for key, value in common["summary"].items():

@@ -1,8 +1,9 @@
 """Metrics out: one JSON line per step, TensorBoard scalars, and a console line per step.
 
-Only the main rank writes. A resumed run (`resume_step`) first drops the records of steps at or after
-the checkpoint it resumed from (written by the interrupted invocation, which the resumed one repeats),
-so that the metrics file and TensorBoard hold one history. The console line always shows the five numbers that say whether RLP is
+Only the main rank writes. Every invocation (`resume_step`: the step it starts from, 0 for a fresh
+start) first drops the records of steps at or after that step (written by an interrupted invocation,
+which this one repeats, or by an earlier history that this one replaces), so that the metrics file
+and TensorBoard hold one history. The console line always shows the five numbers that say whether RLP is
 healthy (DESIGN.md "known hazards"): NTP loss, mean reward, fraction of positive rewards, thought
 length and end-marker rate, carrying each forward from the last step that measured it.
 """

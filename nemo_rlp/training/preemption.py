@@ -3,7 +3,8 @@ script turns into a requeue.
 
 Slurm sends SIGTERM to every task of a job step when it preempts the job (and SIGKILL `KillWait`
 seconds later), and with `#SBATCH --signal=USR1@300` sends SIGUSR1 to the tasks 300 s before the
-time limit (`--signal=B:USR1@300` sends it to the batch shell only, which must then forward it). The
+time limit (`--signal=B:USR1@300` sends it to the batch shell only, which must then forward it);
+Ctrl-C in a terminal sends SIGINT to the whole foreground process group. The
 handlers installed here only record the first signal (a second one terminates the process at
 once, whatever it is doing); the training loop asks `requested()` at every step
 boundary, saves a checkpoint, and the entry point exits with `REQUEUE_EXIT_CODE`:

@@ -90,7 +90,8 @@ def test_default_directory_is_the_same_for_the_same_command(tmp_path):
     assert ckpt.run_id(base).startswith(f"{base.model.name}-") and base.model.name == "demo_hybrid"
     # ... a change to what is trained does.
     assert ckpt.run_id(base) != ckpt.run_id(load_config(["rlp.group_size=8"]))
-    assert ckpt.checkpoint_dir(base, cwd=tmp_path) == tmp_path / "outputs" / "checkpoints" / ckpt.run_id(base)
+    assert ckpt.default_output_dir(base, cwd=tmp_path) == tmp_path / "outputs" / ckpt.run_id(base)
+    assert ckpt.checkpoint_dir(base, cwd=tmp_path) == tmp_path / "outputs" / ckpt.run_id(base) / "checkpoints"
     assert ckpt.checkpoint_dir(load_config([f"logging.output_dir={tmp_path}/run"])) == tmp_path / "run" / "checkpoints"
     explicit = load_config([f"logging.output_dir={tmp_path}/run", f"checkpoint.dir={tmp_path}/ck"])
     assert ckpt.checkpoint_dir(explicit) == tmp_path / "ck"
@@ -326,7 +327,8 @@ def test_sigterm_to_the_job_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
     log = "".join(lines)
     assert rc == REQUEUE_EXIT_CODE, log[-3000:]
     assert "received SIGTERM" in log and "checkpoint: step" in log
-    (root,) = (tmp_path / "outputs" / "checkpoints").iterdir()
+    run_dir = ckpt.default_output_dir(load_config(command[3:]), cwd=tmp_path)
+    root = run_dir / "checkpoints"
     (saved,) = ckpt.complete_checkpoints(root)
     assert 1 <= saved[0] < 16
 
@@ -335,6 +337,16 @@ def test_sigterm_to_the_job_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
     assert again.returncode == 0, log[-3000:]
     assert f"resumed from {saved[1]} at step {saved[0]}" in log
     assert ckpt.find_latest(root) == root / "step_0000016"
+    # One history in one directory: the default output directory did not change with the resume.
+    assert [r["step"] for r in _records(run_dir / "metrics.jsonl")] == list(range(16))
+    # A finished run's rerun has nothing to do, and its report still plots the whole history (it
+    # used to find an empty per-invocation directory and write a report with no plots).
+    again = subprocess.run([*command, "logging.report=true"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=180)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "nothing to do" in again.stdout + again.stderr
+    assert (run_dir / "report" / "ntp_loss.png").is_file() and (run_dir / "report" / "reward.png").is_file()
+    assert "![ntp_loss](ntp_loss.png)" in (run_dir / "report" / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_parallel_sizes_that_do_not_divide_the_world_size_are_rejected():
 
 def test_the_defaults_are_valid():
     cfg = load_config()
-    assert cfg.checkpoint.resume == "auto" and cfg.checkpoint.signals == ["SIGTERM", "SIGUSR1"]
+    assert cfg.checkpoint.resume == "auto" and cfg.checkpoint.signals == ["SIGTERM", "SIGUSR1", "SIGINT"]
     assert cfg.trainer.max_consecutive_skips >= 1
     # The demo: lr decays over the NTP warm-up; RLP at marked answers, evaluated on held-out ones.
     assert (cfg.trainer.lr_decay_style, cfg.trainer.lr_decay_steps) == ("linear", cfg.trainer.schedule.ntp_warmup_steps)

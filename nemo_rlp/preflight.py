@@ -1,0 +1,152 @@
+"""Everything a run reads or writes, checked before any model is built: the output and checkpoint
+directories (writable, and not in use by another run: nemo_rlp.training.run_lock), the tokenizer,
+the corpus, the held-out set.
+
+A bad input used to surface 20-50 s into a run (after the process group, megatron-core and the
+model), inside a Hydra traceback, with exit status 1. Here each problem becomes a `ConfigError`
+whose one line names the file, the line or byte, and the fix (the data loaders' messages do), which
+the entry point reports like any config error: exit status 2, nothing ran. What is loaded here is
+handed to the trainer (`RunInputs`), not loaded twice.
+
+The command line's overrides are checked too (`check_overrides`), before Hydra composes them:
+Hydra answers an unknown key with exit status 1 and the hint "use +key=value", which then fails
+the schema check; this names the nearest valid key instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tempfile
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from nemo_rlp.config import CONF_DIR, ConfigError, RunConfig
+
+
+@dataclass
+class RunInputs:
+    """What a run reads, loaded and checked: the tokenizer, the corpus, the held-out positions."""
+
+    tokenizer: Any
+    documents: Any
+    eval_positions: Optional[list] = None
+
+
+def check_writable(directory: Path, key: str) -> list[Path]:
+    """Create `directory` if needed and prove that a file can be written in it; returns the
+    directories this created (outermost first)."""
+    directory = Path(directory)
+    created = [p for p in [*reversed(directory.parents), directory] if not p.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        blocker = next((p for p in [directory, *directory.parents] if p.exists()), directory)
+        why = ("a file, not a directory, is in the way: " + str(blocker)) if blocker.is_file() else (
+            error.strerror or str(error))
+        raise ConfigError(f"{key}={str(directory)!r} cannot be written ({why}); give {key} a writable directory") from None
+    return created
+
+
+def load_inputs(cfg: RunConfig) -> RunInputs:
+    """Load the tokenizer, the corpus and (if enabled) the held-out set; a problem raises
+    `ConfigError` naming the key, the file and the line or byte."""
+    from nemo_rlp.data.sources import load_documents
+    from nemo_rlp.data.tokenizer import load_tokenizer
+    from nemo_rlp.training.evaluate import load_heldout
+
+    def failed(key: str, error: Exception) -> ConfigError:
+        message = " ".join(str(error).split()) or type(error).__name__
+        return ConfigError(f"{key}: {message}")
+
+    try:
+        tokenizer = load_tokenizer(cfg.data, cfg.rlp)
+    except (OSError, ValueError) as error:
+        raise failed("data.tokenizer", error) from None
+    try:
+        documents = load_documents(cfg.data, tokenizer)
+    except (OSError, ValueError, IndexError, KeyError) as error:
+        raise failed("data.blend" if cfg.data.blend else "data.corpus", error) from None
+    positions = None
+    if cfg.eval.enabled:
+        try:
+            positions = load_heldout(cfg.eval, cfg.data, tokenizer)
+        except (OSError, ValueError, IndexError, KeyError) as error:
+            raise failed("eval.corpus", error) from None
+    return RunInputs(tokenizer, documents, positions)
+
+
+def preflight(cfg: RunConfig, output_dir: Path, checkpoints: Path) -> RunInputs:
+    """The output paths and the run lock (quick: a second run on a directory in use stops in about
+    a second), then the inputs; what this created is removed again when an input is bad, so that a
+    run that never started leaves nothing behind."""
+    from nemo_rlp.parallel.distributed import launch_rank
+    from nemo_rlp.training.run_lock import lock_run_directories, release_directory
+
+    created = check_writable(output_dir, "logging.output_dir") + check_writable(checkpoints, "checkpoint.dir")
+    locked = lock_run_directories(output_dir, checkpoints) if launch_rank() == 0 else []
+    try:
+        return load_inputs(cfg)
+    except ConfigError:
+        for directory in locked:
+            release_directory(directory)
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (another process wrote there): leave it
+                pass
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# Overrides
+# ------------------------------------------------------------------------------------------------
+
+
+def schema_keys(node: Any = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema ('trainer.steps', 'trainer.schedule.ntp_per_cycle')."""
+    keys = []
+    for f in fields(node):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys += schema_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def config_groups() -> set[str]:
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+
+
+def nearest_key(key: str) -> Optional[str]:
+    """The valid key a mistyped `key` most likely meant (None if nothing is close)."""
+    keys = schema_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
+    close = difflib.get_close_matches(key, keys + sorted(config_groups()), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_overrides(arguments: list[str]) -> None:
+    """Reject a `key=value` override whose key is in neither the schema nor the config groups,
+    naming the nearest valid key. Overrides Hydra owns (`hydra.*`, `+key`, `~key`) and option
+    flags are left to Hydra."""
+    keys = set(schema_keys())
+    groups = config_groups()
+    for argument in arguments:
+        if argument.startswith(("-", "+", "~")) or "=" not in argument:
+            continue
+        key = argument.split("=", 1)[0]
+        if key.startswith("hydra.") or key == "hydra" or key in keys or key in groups:
+            continue
+        if any(k.startswith(key + ".") for k in keys):  # a whole section, e.g. trainer.schedule={...}
+            continue
+        suggestion = nearest_key(key)
+        hint = f"did you mean {suggestion}?" if suggestion else "see nemo_rlp/config.py for the keys"
+        raise ConfigError(f"{argument!r}: there is no config key {key!r}; {hint}")
+
