@@ -118,8 +118,8 @@ class RLPConfig:
     # Contexts (each with its G thoughts) per microbatch of the training forward; 0: all at once.
     micro_batch_contexts: int = 0
     # > 0: training microbatches of this many thought rows instead, splitting groups anywhere (the
-    # advantages are computed over whole groups first, from θ_old's S_pred: with logprob_source
-    # `recompute` that costs one forward-only pass). For models whose G rows do not fit at once.
+    # advantages are computed over whole groups first, from the rollout's S_pred: no extra forward).
+    # For models whose G rows do not fit at once.
     micro_batch_rows: int = 0
     # Contexts rolled out at once (0: all of the rank's); bounds the KV/SSM cache to G times that.
     rollout_batch_contexts: int = 0
@@ -414,8 +414,6 @@ def validate(cfg: RunConfig) -> None:
     for key in ("micro_batch_rows", "rollout_batch_contexts", "score_batch_windows"):
         if getattr(r, key) < 0:
             _fail(f"rlp.{key}", getattr(r, key), "an integer >= 0 (0: all at once)")
-    if r.micro_batch_rows and r.kl_beta > 0:
-        _fail("rlp.micro_batch_rows", r.micro_batch_rows, "0 when rlp.kl_beta > 0 (the KL term needs whole groups)")
     if r.logprob_source not in ("recompute", "sampler"):
         _fail("rlp.logprob_source", r.logprob_source, "'recompute' or 'sampler'")
     if r.think_start == r.think_end or not r.think_start or not r.think_end:
