@@ -1,7 +1,8 @@
 """megatron-core GPTModel provider: a `ModelConfig` in, a (possibly tensor-parallel) GPTModel out.
 
-On CPU the local (non-Transformer-Engine) layer spec runs; on GPU the Transformer Engine spec is used
-when Transformer Engine is importable.
+On CPU the local (non-Transformer-Engine) layer spec runs, with torch SDPA as its core attention
+(`nemo_rlp.models.attention`); on GPU the Transformer Engine spec is used when Transformer Engine is
+importable.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def _layer_spec(cfg: ModelConfig):
             return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
         except ImportError:
             pass
-    return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+    # Fused attention (torch SDPA) instead of megatron's score-materialising DotProductAttention.
+    from nemo_rlp.models.attention import SDPAttention
+
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def pipeline_stage() -> tuple[bool, bool, int]:

@@ -8,7 +8,7 @@ Layer specs:
 - GPU with Transformer Engine: megatron's `mamba_stack_spec` (TE linears with fused norms), with the
   configured SSD chunk size and QK norms.
 - Otherwise (CPU): a local spec of megatron-core modules only (ColumnParallelLinear /
-  RowParallelLinear, DotProductAttention, torch norms). megatron's `MambaStack` hard-codes a TE
+  RowParallelLinear, torch SDPA core attention (`nemo_rlp.models.attention`), torch norms). megatron's `MambaStack` hard-codes a TE
   final norm (mamba_block.py:166 in megatron-core 0.16.1), so the local spec uses `LocalMambaStack`,
   which builds the same stack with a torch RMSNorm/LayerNorm as its final norm. Like megatron's
   ModelOpt spec (`remap_te_layernorm`), the local spec maps its separate norms onto the TE names in
@@ -91,13 +91,14 @@ def local_stack_spec(cfg: ModelConfig):
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from nemo_rlp.models.attention import SDPAttention
 
     norm = WrappedTorchNorm
     qk_norm = norm if cfg.qk_layernorm else IdentityOp
@@ -127,7 +128,8 @@ def local_stack_spec(cfg: ModelConfig):
                         params={"attn_mask_type": AttnMaskType.causal},
                         submodules=SelfAttentionSubmodules(
                             linear_qkv=ColumnParallelLinear,
-                            core_attention=DotProductAttention,
+                            # torch SDPA, not megatron's score-materialising DotProductAttention.
+                            core_attention=SDPAttention,
                             linear_proj=RowParallelLinear,
                             q_layernorm=qk_norm,
                             k_layernorm=qk_norm,

@@ -1,0 +1,110 @@
+"""Core attention for the local (non-Transformer-Engine) layer specs: torch's fused
+`scaled_dot_product_attention` instead of megatron's `DotProductAttention`.
+
+megatron's local `DotProductAttention` materialises the [rows * heads, S, S] score matrix and its
+softmax, and keeps both for backward: at context 1024 that alone made a tiny model's RLP step 2-3x
+slower, and its memory 2-3x larger, than a plain PyTorch implementation of the same model. SDPA
+computes the same softmax(q k^T * scale) v without keeping the scores (flash / memory-efficient
+kernels on CPU and GPU). On a GPU with Transformer Engine the TE spec is used and none of this runs.
+
+`SDPAttention` is a drop-in `core_attention` submodule (same constructor, same parameters, same
+state dict: it is a `DotProductAttention`) that takes the fused path where it computes exactly what
+megatron's module computes, and falls back to megatron's module otherwise:
+- no explicit `attention_mask` (megatron's causal or no-mask types), vanilla softmax, no sliding
+  window, no attention dropout in training, no query-key layer scaling;
+- causal with as many queries as keys (training, prefill) is SDPA's `is_causal`; fewer queries than
+  keys (cached decoding) attend to every key before them (bottom-right causal alignment, what
+  megatron's cached path computes: one new token sees the whole cache);
+- packed sequences (`PackedSeqParams`, qkv_format `thd`: tokens of several sequences laid end to
+  end, `cu_seqlens_q` their boundaries): each sequence attends causally to itself only. This is
+  computed one sequence at a time with SDPA, which is exact (each sequence's attention is the
+  ordinary causal attention of that sequence, the same kernel as the padded rows); a block-diagonal
+  mask over the whole pack would be exact too but costs (tokens)^2 memory, which is what packing is
+  meant to avoid.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SDPAttention(DotProductAttention):
+    """megatron's `DotProductAttention` computed by `torch.nn.functional.scaled_dot_product_attention`."""
+
+    def _fused_path_applies(self, attention_mask, attn_mask_type, attention_bias) -> bool:
+        config = self.config
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        dropout = self.attention_dropout.p if self.training else 0.0
+        return (
+            attention_mask is None
+            and attention_bias is None
+            and mask_type in (AttnMaskType.causal, AttnMaskType.no_mask)
+            and config.softmax_type == "vanilla"
+            and config.window_size is None
+            and not config.apply_query_key_layer_scaling
+            and dropout == 0.0
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if not self._fused_path_applies(attention_mask, attn_mask_type, attention_bias):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        causal = (self.attn_mask_type if attn_mask_type is None else attn_mask_type) == AttnMaskType.causal
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params, causal)
+        # [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = self._sdpa(q, k, v, causal)
+        # [b, heads, sq, d] -> [sq, b, heads * d]
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        """q [b, heads, sq, d], k and v [b, groups, sk, d] -> [b, heads, sq, d]."""
+        sq, sk = q.shape[-2], k.shape[-2]
+        mask = None
+        if causal and sq != sk:
+            # Bottom-right alignment: query i is key sk - sq + i.
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and sq == sk, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+
+    def _packed(self, query, key, value, packed_seq_params, causal: bool) -> torch.Tensor:
+        """THD: query [t, heads, d], key and value [t, groups, d] -> [t, heads * d]."""
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"packed sequences: qkv_format {packed_seq_params.qkv_format!r}, expected 'thd'")
+        cu_q = _boundaries(packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_q)
+        cu_kv = _boundaries(packed_seq_params.cu_seqlens_kv_padded, packed_seq_params.cu_seqlens_kv)
+        out = query.new_zeros(query.shape[0], self.hidden_size_per_partition)
+        for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_kv[:-1], cu_kv[1:]):
+            if q1 == q0:
+                continue
+            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
+            k = key[k0:k1].transpose(0, 1).unsqueeze(0)
+            v = value[k0:k1].transpose(0, 1).unsqueeze(0)
+            # [1, heads, s, d] -> [s, heads * d]
+            out[q0:q1] = self._sdpa(q, k, v, causal)[0].transpose(0, 1).reshape(q1 - q0, -1)
+        return out
+
+
+def _boundaries(padded: Optional[torch.Tensor], plain: Optional[torch.Tensor]) -> list[int]:
+    """Sequence boundaries in the pack, as Python ints (one host sync per layer call, not per sequence).
+    The padded boundaries win, as in megatron's THD rotary embedding: they say where each sequence
+    sits in the packed tensor."""
+    cu = padded if padded is not None else plain
+    return [int(x) for x in cu.tolist()]
