@@ -17,10 +17,10 @@ megatron's module computes, and falls back to megatron's module otherwise:
   megatron's cached path computes: one new token sees the whole cache);
 - packed sequences (`PackedSeqParams`, qkv_format `thd`: tokens of several sequences laid end to
   end, `cu_seqlens_q` their boundaries): each sequence attends causally to itself only. This is
-  computed one sequence at a time with SDPA, which is exact (each sequence's attention is the
-  ordinary causal attention of that sequence, the same kernel as the padded rows); a block-diagonal
-  mask over the whole pack would be exact too but costs (tokens)^2 memory, which is what packing is
-  meant to avoid.
+  computed with SDPA per run of equal-length sequences (a view of the pack as a batch), which is
+  exact: each sequence's attention is the ordinary causal attention of that sequence, the same
+  kernel as the padded rows. A block-diagonal mask over the whole pack would be exact too but costs
+  (tokens)^2 memory, which is what packing is meant to avoid.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class SDPAttention(DotProductAttention):
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """q [b, heads, sq, d], k and v [b, groups, sk, d] -> [b, heads, sq, d]."""
         sq, sk = q.shape[-2], k.shape[-2]
+        # One query (a decoding step) sees every key: no mask needed.
         mask = None
-        if causal and sq != sk:
+        if causal and 1 < sq != sk:
             # Bottom-right alignment: query i is key sk - sq + i.
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         return F.scaled_dot_product_attention(
@@ -85,21 +86,41 @@ class SDPAttention(DotProductAttention):
         )
 
     def _packed(self, query, key, value, packed_seq_params, causal: bool) -> torch.Tensor:
-        """THD: query [t, heads, d], key and value [t, groups, d] -> [t, heads * d]."""
+        """THD: query [t, heads, d], key and value [t, groups, d] -> [t, heads * d].
+
+        Consecutive sequences of one length are one batched SDPA call over a view of the pack (no
+        copy); outputs are concatenated once. (Slicing the pack per sequence and writing into an
+        output buffer would cost a pack-sized gradient buffer per sequence in backward.)"""
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed sequences: qkv_format {packed_seq_params.qkv_format!r}, expected 'thd'")
         cu_q = _boundaries(packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_q)
         cu_kv = _boundaries(packed_seq_params.cu_seqlens_kv_padded, packed_seq_params.cu_seqlens_kv)
-        out = query.new_zeros(query.shape[0], self.hidden_size_per_partition)
-        for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_kv[:-1], cu_kv[1:]):
-            if q1 == q0:
-                continue
-            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
-            k = key[k0:k1].transpose(0, 1).unsqueeze(0)
-            v = value[k0:k1].transpose(0, 1).unsqueeze(0)
-            # [1, heads, s, d] -> [s, heads * d]
-            out[q0:q1] = self._sdpa(q, k, v, causal)[0].transpose(0, 1).reshape(q1 - q0, -1)
-        return out
+        if cu_q != cu_kv:
+            raise ValueError("packed self-attention: query and key boundaries differ")
+        if cu_q[-1] != query.shape[0]:
+            raise ValueError(f"packed sequences end at {cu_q[-1]}, the pack has {query.shape[0]} tokens")
+        outputs = []
+        for start, count, length in _equal_length_runs(cu_q):
+            stop = start + count * length
+            # [count * length, heads, d] -> [count, heads, length, d]
+            q, k, v = (t[start:stop].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (query, key, value))
+            out = self._sdpa(q, k, v, causal)  # [count, heads, length, d]
+            outputs.append(out.transpose(1, 2).reshape(count * length, self.hidden_size_per_partition))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _equal_length_runs(cu: list[int]) -> list[tuple[int, int, int]]:
+    """(start, number of sequences, length) of each run of consecutive equal-length sequences."""
+    runs: list[tuple[int, int, int]] = []
+    for start, stop in zip(cu[:-1], cu[1:]):
+        length = stop - start
+        if length == 0:
+            continue
+        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, length)
+        else:
+            runs.append((start, 1, length))
+    return runs
 
 
 def _boundaries(padded: Optional[torch.Tensor], plain: Optional[torch.Tensor]) -> list[int]:

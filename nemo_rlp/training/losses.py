@@ -63,6 +63,11 @@ class RLPLoss:
     sampler_logp: Optional[torch.Tensor] = None  # [N, U]
     sampler_s_pred: Optional[torch.Tensor] = None  # [N]
 
+    @property
+    def row_lengths(self) -> torch.Tensor:
+        """Real tokens per row (through x_t): what a packed microbatch holds of each row."""
+        return self.answer_index + 1
+
     def __call__(self, logprobs):
         mask = self.thought_mask
         logp_new = logprobs.gather(1, self.thought_index - 1)

@@ -43,11 +43,12 @@ import torch
 
 from nemo_rlp.config import RLPConfig
 from nemo_rlp.data.sampling import ContextSampler, RLPContext, teacher_scorer
-from nemo_rlp.models.handle import next_token_logprobs, positions_like
+from nemo_rlp.models.handle import labelled_logprobs, next_token_logprobs, positions_like
 from nemo_rlp.parallel.distributed import data_parallel_sum, reduce_metrics
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
 from nemo_rlp.objective import rewards
 from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss, RLPRows
+from nemo_rlp.training.packing import PackedRows, pack_alignment, pack_rows, unpack_logprobs
 from nemo_rlp.training.policy import PolicyWithTeacher
 
 
@@ -56,44 +57,78 @@ from nemo_rlp.training.policy import PolicyWithTeacher
 # ------------------------------------------------------------------------------------------------
 
 
-def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], forward_only: bool = False) -> list:
+def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], forward_only: bool = False,
+                 pack: bool = False) -> list:
     """Run megatron's forward-backward schedule over one microbatch per loss; returns what each
-    loss reported (on the last pipeline stage): dicts with `metrics` and `units`."""
+    loss reported (on the last pipeline stage): dicts with `metrics` and `units`.
+
+    `pack`: the rows of a loss that says how long each row is (`row_lengths`) run packed, without
+    padding (`nemo_rlp.training.packing`); the loss still reads log-probs in the padded layout."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    def forward_step(data_iterator, module):
-        loss = next(data_iterator)
-        inputs = loss.tokens[:, :-1]
-        output = module(inputs, positions_like(inputs), None)
-        return output, partial(_loss_func, loss)
+    config = model.language_model.config
+    # Sequence parallelism splits the sequence dimension over tensor-parallel ranks.
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    align = pack_alignment(model.language_model) if pack else 1
+    packs = [
+        pack_rows(loss.tokens, loss.row_lengths, multiple, align=align)
+        if pack and getattr(loss, "row_lengths", None) is not None else None
+        for loss in losses
+    ]
+    work = iter(zip(losses, packs))
 
+    def forward_step(data_iterator, module):
+        loss, packed = next(data_iterator)
+        if packed is None:
+            inputs = _pad_columns(loss.tokens[:, :-1], multiple)
+            output = module(inputs, positions_like(inputs), None)
+            output = output[:, : loss.tokens.shape[1] - 1]  # the end padding predicts nothing
+        else:
+            output = module(packed.input_ids, packed.position_ids, None, packed_seq_params=packed.packed_seq_params())
+        return output, partial(_loss_func, loss, packed)
+
+    # Shapes of the largest microbatch (pipeline stages communicate the actual ones:
+    # variable_seq_lengths); a pack is one sequence of all its rows' tokens.
+    shapes = [(1, p.num_tokens) if p is not None else (l.tokens.shape[0], -(-(l.tokens.shape[1] - 1) // multiple) * multiple)
+              for l, p in zip(losses, packs)]
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(losses),
+        data_iterator=work,
         model=[model.ddp],
         num_microbatches=len(losses),
-        # The largest microbatch (pipeline stages communicate the actual shapes: variable_seq_lengths).
-        seq_length=max(loss.tokens.shape[1] for loss in losses) - 1,
-        micro_batch_size=max(loss.tokens.shape[0] for loss in losses),
+        seq_length=max(s for _, s in shapes),
+        micro_batch_size=max(b for b, _ in shapes),
         forward_only=forward_only,
     )
 
 
-def _loss_func(loss: MicrobatchLoss, output: torch.Tensor):
-    logprobs = next_token_logprobs(output, loss.tokens)
+def _pad_columns(rows: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Right-pad rows [b, s] to a multiple of `multiple` columns (sequence parallelism splits the
+    sequence over TP ranks); the pad follows every real token, so no real token sees it."""
+    extra = -rows.shape[1] % multiple
+    return torch.nn.functional.pad(rows, (0, extra)) if extra else rows
+
+
+def _loss_func(loss: MicrobatchLoss, packed: PackedRows | None, output: torch.Tensor):
+    if packed is None:
+        logprobs = next_token_logprobs(output, loss.tokens)
+    else:
+        shape = (loss.tokens.shape[0], loss.tokens.shape[1] - 1)
+        logprobs = unpack_logprobs(labelled_logprobs(packed.real_tokens(output[0]), packed.labels), packed, shape)
     share, metrics, units = loss(logprobs)
     # Zero tokens: the share is already normalised by the global count (module docstring).
     return share, torch.zeros((), dtype=torch.int), {"metrics": metrics, "units": units}
 
 
 @torch.no_grad()
-def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int, first_row: int = 0):
+def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int, first_row: int = 0, pack: bool = False):
     """θ's log-probs of the thought tokens [R, U] and S_pred [R], forward-only, in training layout,
     for rows first_row.. (earlier rows are left at 0: their forward is θ_old's own)."""
 
     class _Score:
-        def __init__(self, tokens):
+        def __init__(self, tokens, row_lengths):
             self.tokens = tokens
+            self.row_lengths = row_lengths
 
         def __call__(self, logprobs):
             return logprobs.sum() * 0.0, {"_logprobs": logprobs.detach()}, 0
@@ -103,8 +138,9 @@ def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int, firs
     logp = torch.zeros(index.shape, dtype=torch.float32, device=index.device)
     s_pred = torch.zeros(R, dtype=torch.float32, device=index.device)
     if first_row < R:
-        scored = [_Score(t) for t in batch.tokens[first_row:].split(micro_rows)]
-        outputs = run_schedule(model, scored, forward_only=True)
+        scored = [_Score(t, n) for t, n in zip(batch.tokens[first_row:].split(micro_rows),
+                                                (batch.answer_index[first_row:] + 1).split(micro_rows))]
+        outputs = run_schedule(model, scored, forward_only=True, pack=pack)
         if not outputs:  # not the last pipeline stage: only the last one evaluates losses
             return logp, s_pred
         logprobs = torch.cat([o["metrics"]["_logprobs"] for o in outputs])
@@ -231,7 +267,7 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
         # θ_old's log-probs for the rows trained after the first update (and S_pred for rows not
         # built by the sampler): one forward-only pass, the only one `recompute` ever needs.
         first = len(context_splits[0]) * G if s_pred is not None else 0
-        logp_old, scored_s_pred = _scores(model, batch, micro_rows, first)
+        logp_old, scored_s_pred = _scores(model, batch, micro_rows, first, cfg.pack_rows)
         s_pred = s_pred if s_pred is not None else scored_s_pred
     rows = RLPRows.from_groups(s_pred.view(B, G), s_ema)
     logp_ref = _reference_logprobs(model, batch, index, micro_rows) if cfg.kl_beta > 0 else None
@@ -260,7 +296,7 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
             for r in slices
         ]
         model.zero_grad()
-        outputs = run_schedule(model, losses)
+        outputs = run_schedule(model, losses, pack=cfg.pack_rows)
         step_metrics = reduce_metrics(outputs)
         result = model.optimizer_step(step_metrics, grad_scale=cfg.grad_scale)
         step_metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
