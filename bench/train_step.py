@@ -9,7 +9,9 @@ sampler lays it out (the thought's last token is its end marker). FLOPs are coun
 `torch.utils.flop_counter.FlopCounterMode` on the real megatron-core model built by the project's
 provider on the meta device (shapes only: nothing is computed, so a 1.7B model costs seconds):
 - `padded`: today's default microbatch, all rows right-padded to the longest (`rlp.pack_rows=false`);
-- `packed`: the rows end to end without padding (`rlp.pack_rows=true`, nemo_rlp.training.packing).
+- `packed`: the new path: the rows end to end without padding (`rlp.pack_rows=true`,
+  nemo_rlp.training.packing), and the output layer run only where the loss reads a log-prob (the
+  thought tokens and x_t; `logits_at`), not over the context.
 The references, computed from the same rows:
 - real-token ideal: 6 x parameters x real tokens (every row's own input tokens, no padding;
   parameters as the planner counts them: the ones that multiply per token);
@@ -42,7 +44,7 @@ from nemo_rlp.models import build_model, padded_vocab_size  # noqa: E402
 from nemo_rlp.models.handle import positions_like  # noqa: E402
 from nemo_rlp.parallel import distributed  # noqa: E402
 from nemo_rlp.planning import count_parameters  # noqa: E402
-from nemo_rlp.training.packing import pack_alignment, pack_rows  # noqa: E402
+from nemo_rlp.training.packing import logits_at, pack_alignment, pack_rows  # noqa: E402
 
 CONTEXTS = (8, 512)
 META = torch.device("meta")
@@ -59,16 +61,25 @@ def mixed_rows(contexts: int, group: int, max_thought: int, vocab: int, seed: in
     return tokens, inputs, context_len[::group] + 1
 
 
-def count_flops(model, tokens: torch.Tensor, inputs: torch.Tensor, packed: bool) -> int:
+def scored_inputs(inputs: torch.Tensor, prompts: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, width]: the inputs whose next token is a thought token or x_t (what the RLP loss reads)."""
+    columns = torch.arange(width)[None]
+    return (columns >= prompts[:, None] - 1) & (columns < inputs[:, None])
+
+
+def count_flops(model, tokens: torch.Tensor, inputs: torch.Tensor, prompts: torch.Tensor, packed: bool) -> int:
     """FLOPs of a forward and backward of the policy over these rows (a log-likelihood loss stands in
-    for the RLP loss: the loss's own arithmetic is negligible and its backward reaches every layer)."""
+    for the RLP loss: the loss's own arithmetic is negligible and its backward reaches every layer).
+    Packed, as the trainer runs it: logits only where the loss reads them (`logits_at`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         if packed:
-            pack = pack_rows(tokens, inputs + 1, align=pack_alignment(model))
-            logits = model(pack.input_ids.to(META), pack.position_ids.to(META), None,
-                           packed_seq_params=pack.packed_seq_params())[0, pack.where.to(META)]
+            scored = scored_inputs(inputs, prompts, tokens.shape[1] - 1)
+            pack = pack_rows(tokens, inputs + 1, align=pack_alignment(model), scored=scored)
+            with logits_at(model, pack.where.to(META)):
+                logits = model(pack.input_ids.to(META), pack.position_ids.to(META), None,
+                               packed_seq_params=pack.packed_seq_params())[0]
             labels = pack.labels.to(META)
         else:
             rows = tokens[:, :-1]
@@ -94,7 +105,8 @@ def bench_model(name: str, lengths: list[int], contexts: int, group: int) -> lis
         real = int(inputs.sum())
         shared = real - int(((group - 1) * prompts).sum())  # each context once per group
         padded_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
-        flops = {path: count_flops(model, tokens, inputs, path == "packed") for path in ("padded", "packed")}
+        flops = {path: count_flops(model, tokens, inputs, prompts.repeat_interleave(group), path == "packed")
+                 for path in ("padded", "packed")}
         ideal, shared_ideal = 6 * params * real, 6 * params * shared
         rows.append((name, L, real, padded_tokens, shared, flops, ideal, shared_ideal))
         model.zero_grad(set_to_none=True)

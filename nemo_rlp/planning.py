@@ -62,9 +62,10 @@ buffers, Transformer Engine workspaces and allocator fragmentation):
      cumulative sum in fp32, 8 * heads / TP;
    - GPT layers are an attention and an MLP half; the final norm and the output layer keep 2 * h * 2
      (/ TP with sequence parallelism).
-   The loss adds the logits over every position (context included): [tokens, V/TP] in bf16, cast to
-   fp32 and transposed into a contiguous fp32 copy that the cross-entropy keeps as its softmax: 10 bytes
-   per entry at the forward peak. Under pipeline parallelism the first stage holds min(PP, microbatches)
+   The loss adds the logits: [tokens, V/TP] in bf16, cast to fp32 and transposed into a contiguous
+   fp32 copy that the cross-entropy keeps as its softmax: 10 bytes per entry at the forward peak. With
+   packed RLP rows (`rlp.pack_rows`) only the L + 1 positions that predict a thought token or x_t get
+   logits (`nemo_rlp.training.packing.logits_at`), not the context; NTP rows get them everywhere. Under pipeline parallelism the first stage holds min(PP, microbatches)
    microbatches in flight (1F1B).
 4. NTP training: the same model with `trainer.ntp_micro_batch_size` rows (the whole per-rank batch when
    0) of `data.ntp_seq_len` tokens.
@@ -499,7 +500,8 @@ def make_plan(
         )
 
         # 3./4. training microbatches
-        def training(rows: int, seq: int, microbatches: int, what: str, hint: str) -> Phase:
+        def training(rows: int, seq: int, microbatches: int, what: str, hint: str, scored: int = 0) -> Phase:
+            """`scored`: tokens per row that get logits (0: all; RLP rows: the thought and x_t only)."""
             tokens = rows * seq
             inflight = min(pp - s, microbatches)
             layer_bytes = sum(training_bytes_per_token(k, m, tp, p.sequence_parallel) for k in stage_kinds)
@@ -508,7 +510,7 @@ def make_plan(
             if last:
                 split = tp if p.sequence_parallel else 1
                 items.append(("final norm + output layer inputs", tokens * 2 * dims["h"] * 2 / split))
-                items.append(("logits + loss (bf16 + fp32 copies)", tokens * V / tp * LOGIT_BYTES_TRAIN))
+                items.append(("logits + loss (bf16 + fp32 copies)", rows * (scored or seq) * V / tp * LOGIT_BYTES_TRAIN))
             return Phase(what, items, note=f"microbatch {rows} rows x {seq} tokens, {microbatches} microbatch(es)",
                          hint=hint)
 
@@ -516,6 +518,8 @@ def make_plan(
             train_rows, width, train_micro, "RLP training microbatch",
             f"A smaller microbatch: rlp.micro_batch_rows (now {r.micro_batch_rows}; 0 means whole groups "
             f"of G={G} rows of {width} tokens), or a larger TP.",
+            # Packed rows make logits only where the loss reads them (nemo_rlp.training.packing.logits_at).
+            scored=L + 1 if r.pack_rows else 0,
         )
         ntp_train = training(
             ntp_rows, d.ntp_seq_len, ntp_micro, "NTP training microbatch",

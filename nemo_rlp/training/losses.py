@@ -68,6 +68,18 @@ class RLPLoss:
         """Real tokens per row (through x_t): what a packed microbatch holds of each row."""
         return self.answer_index + 1
 
+    @property
+    def scored_inputs(self) -> torch.Tensor:
+        """[N, S-1]: the log-prob entries this loss reads (the thought tokens', x_t's), the only
+        positions a packed microbatch computes logits for (`nemo_rlp.training.packing.logits_at`)."""
+        scored = torch.zeros(self.tokens.shape[0], self.tokens.shape[1] - 1, dtype=torch.bool,
+                             device=self.tokens.device)
+        rows = torch.arange(self.tokens.shape[0], device=self.tokens.device)
+        scored[rows[:, None].expand_as(self.thought_index)[self.thought_mask],
+               (self.thought_index - 1)[self.thought_mask]] = True
+        scored[rows, self.answer_index - 1] = True
+        return scored
+
     def __call__(self, logprobs):
         mask = self.thought_mask
         logp_new = logprobs.gather(1, self.thought_index - 1)

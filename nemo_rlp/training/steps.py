@@ -48,7 +48,7 @@ from nemo_rlp.parallel.distributed import data_parallel_sum, reduce_metrics
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
 from nemo_rlp.objective import rewards
 from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss, RLPRows
-from nemo_rlp.training.packing import PackedRows, pack_alignment, pack_rows, unpack_logprobs
+from nemo_rlp.training.packing import PackedRows, logits_at, pack_alignment, pack_rows, unpack_logprobs
 from nemo_rlp.training.policy import PolicyWithTeacher
 
 
@@ -71,7 +71,7 @@ def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], for
     multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
     align = pack_alignment(model.language_model) if pack else 1
     packs = [
-        pack_rows(loss.tokens, loss.row_lengths, multiple, align=align)
+        pack_rows(loss.tokens, loss.row_lengths, multiple, align=align, scored=getattr(loss, "scored_inputs", None))
         if pack and getattr(loss, "row_lengths", None) is not None else None
         for loss in losses
     ]
@@ -84,7 +84,8 @@ def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], for
             output = module(inputs, positions_like(inputs), None)
             output = output[:, : loss.tokens.shape[1] - 1]  # the end padding predicts nothing
         else:
-            output = module(packed.input_ids, packed.position_ids, None, packed_seq_params=packed.packed_seq_params())
+            with logits_at(model.language_model, packed.where if packed.selected else None):
+                output = module(packed.input_ids, packed.position_ids, None, packed_seq_params=packed.packed_seq_params())
         return output, partial(_loss_func, loss, packed)
 
     # Shapes of the largest microbatch (pipeline stages communicate the actual ones:
