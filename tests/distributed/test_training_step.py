@@ -6,7 +6,8 @@ sharded; pipeline stages copy their layers from the one-stage model, tests/distr
 and trains on the same global data for three steps, RLP, NTP, RLP. Every rank samples the
 same global rollouts (same weights, same seed), then a data-parallel rank trains on its slice of the
 contexts and NTP rows: evenly (2+2) or unevenly (3+1). The losses, the updated weights and the EMA
-teacher's weights must equal the single-process run's to 1e-5 (fp32).
+teacher's weights must equal the single-process run's to 1e-5 (fp32). RLP rows train packed (the
+default `rlp.pack_rows`); TP=2 also runs with sequence parallelism.
 """
 
 from __future__ import annotations
