@@ -1,7 +1,7 @@
 """Benchmark: vectorised ``rlp_loss`` against a per-thought Python-loop reference (CPU).
 
 Times forward + backward of both on the same random batch, checks they agree (loss and gradient,
-to 1e-5), and prints a table. The reference is the math of DESIGN.md section 1, steps 4-7, written
+to 1e-5), and prints a table. The reference is the math of docs/design.md section 1, steps 4-7, written
 the straightforward way: one thought at a time, its tokens gathered by the mask.
 
     python bench/objective.py

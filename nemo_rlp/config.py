@@ -95,7 +95,7 @@ class DataConfig:
 
 @dataclass
 class RLPConfig:
-    """RLP's knobs; defaults are the paper's (DESIGN.md section 1)."""
+    """RLP's knobs; defaults are the paper's (docs/design.md section 1)."""
 
     group_size: int = 16  # G
     max_thought_len: int = 2048  # L, sampled tokens including a sampled end marker
@@ -103,7 +103,7 @@ class RLPConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     ema_decay: float = 0.999  # tau
-    # The clip range is not given in DESIGN.md; 0.2 is the usual PPO/GRPO value.
+    # The clip range is left open in docs/design.md; 0.2 is the usual PPO/GRPO value.
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_beta: float = 0.0  # paper: a KL anchor (to the EMA teacher here) did not help

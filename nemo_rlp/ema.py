@@ -1,6 +1,6 @@
-"""The EMA teacher pbar_phi: the no-think baseline of RLP (DESIGN.md section 1, steps 3 and 9).
+"""The EMA teacher pbar_phi: the no-think baseline of RLP (docs/design.md section 1, steps 3 and 9).
 
-Plain torch, no megatron import (DESIGN.md section 2).
+Plain torch, no megatron import (docs/design.md section 2).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["EMATeacher"]
 class EMATeacher:
     """Exponential moving average ``phi <- tau*phi + (1-tau)*theta`` of the policy's parameters.
 
-    The teacher scores ``S_ema = log pbar_phi(x_t | x_<t)`` (DESIGN.md section 1, step 3) and is
+    The teacher scores ``S_ema = log pbar_phi(x_t | x_<t)`` (docs/design.md section 1, step 3) and is
     updated after every optimizer step with tau = 0.999 (step 9). It is seeded with phi <- theta
     lazily, by :meth:`maybe_seed` at the first RLP batch, not at construction: a checkpoint loaded
     into the policy after construction must be what the teacher starts from (step 9).

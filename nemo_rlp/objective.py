@@ -1,6 +1,6 @@
 """The RLP objective: rewards, group-relative advantages, the clipped surrogate and its metrics.
 
-Plain torch, no megatron import (DESIGN.md section 2). The math is DESIGN.md section 1, steps 4-8
+Plain torch, no megatron import (docs/design.md section 2). The math is docs/design.md section 1, steps 4-8
 (arXiv 2510.01265). Shapes throughout:
 
     B  contexts in the batch (one observed next token x_t each)
@@ -27,7 +27,7 @@ __all__ = [
 
 
 def rewards(s_pred: Tensor, s_ema: Tensor) -> Tensor:
-    """Information-gain reward ``r = S_pred - S_ema`` (DESIGN.md section 1, step 4).
+    """Information-gain reward ``r = S_pred - S_ema`` (docs/design.md section 1, step 4).
 
     Args:
         s_pred: [B, G] ``log p_theta(x_t | x_<t, c)`` for each thought (step 2).
@@ -41,7 +41,7 @@ def rewards(s_pred: Tensor, s_ema: Tensor) -> Tensor:
 
 
 def group_advantages(rewards: Tensor) -> Tensor:
-    """Group-relative advantage ``A_i = G/(G-1) * (r_i - mean_j r_j)`` (DESIGN.md section 1, step 5).
+    """Group-relative advantage ``A_i = G/(G-1) * (r_i - mean_j r_j)`` (docs/design.md section 1, step 5).
 
     The factor G/(G-1) corrects the bias of subtracting an inclusive mean (r_i is part of its own
     baseline); with it, A_i equals r_i minus the mean of the *other* G-1 rewards. Advantages sum to
@@ -91,7 +91,7 @@ def rlp_loss(
     kl_beta: float = 0.0,
     logp_ref: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """RLP clipped-surrogate loss over a batch of B contexts with G thoughts each (DESIGN.md section 1).
+    """RLP clipped-surrogate loss over a batch of B contexts with G thoughts each (docs/design.md section 1).
 
     Args:
         logp_new:     float [B, G, U] ``log pi_theta`` of each sampled thought token; the gradient
@@ -223,7 +223,7 @@ def _k3_kl(logp_new: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics (the hazards listed at the end of DESIGN.md section 1 must be visible)
+# Metrics (the hazards listed at the end of docs/design.md section 1 must be visible)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -79,7 +79,7 @@ What-ifs (`WhatIf`, `--what-if` on the command line): the distributed optimizer 
 `parallel.distributed_optimizer`), and quick overrides of the three piece sizes above without editing the config. A plan
 with any of them says so in its header; the Slurm dry run plans the config as it is.
 
-CPT baseline (DESIGN.md section 1): a continued-pretraining run that sees as many tokens as RLP spends,
+CPT baseline (docs/design.md section 1): a continued-pretraining run that sees as many tokens as RLP spends,
 T_flop = n * l_seq * bs * iters + T_inp, with n = G thoughts per context, l_seq = L tokens per thought,
 bs = B contexts per step, iters = RLP steps, and T_inp the input tokens the run reads: the contexts
 (B * c per RLP step, an upper bound) and the interleaved NTP batches.

@@ -24,7 +24,7 @@ Output, in OUT/:
     import.json   the source, the model config, the layout of the import, versions, the parameter count.
 
 The EMA teacher needs nothing else: the trainer seeds φ ← θ at the first RLP batch, from the weights
-the policy was loaded with (DESIGN.md section 1, step 9); --with-ema-teacher writes that seed out
+the policy was loaded with (docs/design.md section 1, step 9); --with-ema-teacher writes that seed out
 for a loader that wants it explicitly (it costs 4 bytes per parameter on disk).
 """
 

@@ -133,7 +133,7 @@ class RLPRows:
 
     @staticmethod
     def from_groups(s_pred: torch.Tensor, s_ema: torch.Tensor) -> "RLPRows":
-        """From S_pred [B, G] and S_ema [B] (DESIGN.md section 1, steps 4-5), flattened to B*G rows."""
+        """From S_pred [B, G] and S_ema [B] (docs/design.md section 1, steps 4-5), flattened to B*G rows."""
         reward = rewards(s_pred, s_ema)
         return RLPRows(
             rewards=reward.reshape(-1), advantages=group_advantages(reward).reshape(-1),

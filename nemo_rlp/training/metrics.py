@@ -4,7 +4,7 @@ Only the main rank writes. Every invocation (`resume_step`: the step it starts f
 start) first drops the records of steps at or after that step (written by an interrupted invocation,
 which this one repeats, or by an earlier history that this one replaces), so that the metrics file
 and TensorBoard hold one history. The console line always shows the five numbers that say whether RLP is
-healthy (DESIGN.md "known hazards"): NTP loss, mean reward, fraction of positive rewards, thought
+healthy (docs/design.md section 1, "known hazards"): NTP loss, mean reward, fraction of positive rewards, thought
 length and end-marker rate, carrying each forward from the last step that measured it.
 """
 

@@ -2,7 +2,7 @@
 its EMA teacher.
 
 The teacher is a second model of the same architecture and the same sharding, held in fp32, whose
-parameters are the EMA φ. It is seeded from the policy lazily, at the first RLP batch (DESIGN.md
+parameters are the EMA φ. It is seeded from the policy lazily, at the first RLP batch (docs/design.md
 section 1, step 9), and moved towards the policy after every optimizer step once seeded.
 
 An update is skipped, leaving the weights, the optimizer state, the schedule and the teacher as they

@@ -1,6 +1,6 @@
 """One optimizer step of each kind, through megatron-core's forward-backward schedules.
 
-The RLP step, top to bottom (DESIGN.md section 1):
+The RLP step, top to bottom (docs/design.md section 1):
   1. draw contexts from document windows; S_ema: one teacher-forced, no-think forward of the EMA
      teacher per window scores all its sampled positions (and an optional position filter);
   2. sample G thoughts per context with the current policy, one cached prefill per context shared

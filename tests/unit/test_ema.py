@@ -1,4 +1,4 @@
-"""Tests for nemo_rlp.ema.EMATeacher (DESIGN.md section 1, steps 3 and 9)."""
+"""Tests for nemo_rlp.ema.EMATeacher (docs/design.md section 1, steps 3 and 9)."""
 
 from __future__ import annotations
 

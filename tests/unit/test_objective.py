@@ -1,4 +1,4 @@
-"""Tests for nemo_rlp.objective (DESIGN.md section 1, steps 4-8).
+"""Tests for nemo_rlp.objective (docs/design.md section 1, steps 4-8).
 
 Hand-worked cases spell out the arithmetic so a reader can check it without running anything.
 """
