@@ -34,6 +34,7 @@ def test_distributed_optimizer_is_refused_on_cpu_naming_the_key():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_distributed_optimizer_step_equals_the_replicated_optimizer():
     """One NTP step with and without the distributed optimizer (DP=1: the same update)."""
     from nemo_rlp.parallel import distributed

@@ -41,7 +41,7 @@ def test_shortened_demo_learns_to_think(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "nemo_rlp.train", *SHORTENED, f"logging.output_dir={out}", "checkpoint.resume=never"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
