@@ -120,9 +120,12 @@ class RLPConfig:
     # Contexts (each with its G thoughts) per microbatch of the training forward; 0: all at once.
     micro_batch_contexts: int = 0
     # > 0: training microbatches of this many thought rows instead, splitting groups anywhere (the
-    # advantages are computed over whole groups first, from θ_old's S_pred: with logprob_source
-    # `recompute` that costs one forward-only pass). For models whose G rows do not fit at once.
+    # advantages are computed over whole groups first, from the rollout's S_pred: no extra forward).
+    # For models whose G rows do not fit at once.
     micro_batch_rows: int = 0
+    # Training microbatches run packed: rows laid end to end without padding (megatron's THD packed
+    # sequences; nemo_rlp.training.packing). The same loss and gradients as padded rows.
+    pack_rows: bool = True
     # Contexts rolled out at once (0: all of the rank's); bounds the KV/SSM cache to G times that.
     rollout_batch_contexts: int = 0
     # Document windows per EMA-teacher scoring forward (0: all at once).
@@ -175,6 +178,15 @@ class TrainerConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # megatron's sequence parallelism (needs TP > 1): norms, residuals and dropout run on 1/TP of the
+    # tokens, and each TP all-reduce becomes a reduce-scatter + all-gather pair that overlaps with the
+    # linears (TE's userbuffers on GPU). Training only: rollouts and scoring switch it off, as
+    # megatron's own inference does.
+    sequence_parallel: bool = False
+    # megatron's distributed optimizer: the fp32 master weights and Adam moments sharded over the
+    # data-parallel ranks (gradients reduce-scattered, weights all-gathered). Needs CUDA: megatron
+    # requires torch.cuda tensors (distrib_optimizer.py:420 in megatron-core 0.16.1).
+    distributed_optimizer: bool = False
     # "auto": nccl when CUDA is available, else gloo.
     backend: str = "auto"
 
@@ -426,8 +438,6 @@ def validate(cfg: RunConfig) -> None:
     for key in ("micro_batch_rows", "rollout_batch_contexts", "score_batch_windows"):
         if getattr(r, key) < 0:
             _fail(f"rlp.{key}", getattr(r, key), "an integer >= 0 (0: all at once)")
-    if r.micro_batch_rows and r.kl_beta > 0:
-        _fail("rlp.micro_batch_rows", r.micro_batch_rows, "0 when rlp.kl_beta > 0 (the KL term needs whole groups)")
     if r.logprob_source not in ("recompute", "sampler"):
         _fail("rlp.logprob_source", r.logprob_source, "'recompute' or 'sampler'")
     if r.think_start == r.think_end or not r.think_start or not r.think_end:
@@ -495,6 +505,9 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"parallel.{key}", getattr(p, key), "an integer >= 1")
     if p.backend not in ("auto", "gloo", "nccl"):
         _fail("parallel.backend", p.backend, "'auto', 'gloo' or 'nccl'")
+    if p.sequence_parallel and p.tensor_model_parallel_size < 2:
+        _fail("parallel.sequence_parallel", p.sequence_parallel,
+              "false with parallel.tensor_model_parallel_size=1 (it splits sequences over TP ranks)")
     if m.num_layers % p.pipeline_model_parallel_size:
         _fail(
             "parallel.pipeline_model_parallel_size",

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rewards", "group_advantages", "rlp_loss", "thought_losses"]
+__all__ = [
+    "rewards", "group_advantages", "group_reward_std", "rlp_loss", "thought_losses", "thought_kl", "rlp_metrics",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,6 +59,19 @@ def group_advantages(rewards: Tensor) -> Tensor:
     r = rewards.detach()
     group_size = r.shape[1]
     return group_size / (group_size - 1) * (r - r.mean(dim=1, keepdim=True))
+
+
+def group_reward_std(rewards: Tensor) -> Tensor:
+    """The population std of the rewards within each group, repeated for each thought: [B, G].
+
+    The advantage sees only this within-group spread (a constant added to a group's rewards changes
+    nothing, step 5); the mean over thoughts of it is the metric ``reward_group_std``. Given per
+    thought, it survives any later split of the batch into rows.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected shape [B, G], got {tuple(rewards.shape)}")
+    r = rewards.detach()
+    return r.std(dim=1, correction=0, keepdim=True).expand_as(r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +119,6 @@ def rlp_loss(
     # Compute in at least fp32: exp() of a bf16 log-ratio is too coarse for a clip range of ~0.2.
     dtype = torch.promote_types(logp_new.dtype, torch.float32)
     mask = thought_mask
-    thought_len = mask.sum(dim=-1).to(dtype)  # |c_i|, >= 1 (validated)
 
     reward = rewards(s_pred, s_ema).to(dtype)
     advantage = group_advantages(reward)
@@ -114,27 +128,26 @@ def rlp_loss(
     )
     pg_loss = per_thought.mean()
 
-    kl = torch.zeros((), dtype=dtype, device=logp_new.device)
+    per_thought_kl = torch.zeros_like(per_thought)
     if use_kl:
         assert logp_ref is not None  # _validate guarantees it
-        kl_tokens = _k3_kl(logp_new.to(dtype), logp_ref.to(dtype), mask)
-        kl = _per_thought_mean(kl_tokens, mask, thought_len).mean()
-        loss = pg_loss + kl_beta * kl
+        per_thought_kl = thought_kl(logp_new.to(dtype), logp_ref.to(dtype), mask)
+        loss = pg_loss + kl_beta * per_thought_kl.mean()
     else:
         loss = pg_loss
 
-    metrics = _metrics(
-        reward=reward,
-        advantage=advantage,
+    metrics = rlp_metrics(
+        per_thought_loss=per_thought,
+        per_thought_kl=per_thought_kl,
         ratio=ratio,
         unclipped=unclipped,
         clipped=clipped,
-        mask=mask,
-        thought_len=thought_len,
+        thought_mask=mask,
+        reward=reward,
+        advantage=advantage,
         s_pred=s_pred,
-        s_ema=s_ema,
-        pg_loss=pg_loss,
-        kl=kl,
+        s_ema=s_ema[:, None].expand_as(reward),
+        reward_group_std=group_reward_std(reward),
     )
     return loss, metrics
 
@@ -154,6 +167,16 @@ def thought_losses(
     ratio = _importance_ratio(logp_new, logp_old, thought_mask)
     surrogate, unclipped, clipped = _clipped_surrogate(ratio, advantages[..., None], eps_low, eps_high)
     return -_per_thought_mean(surrogate, thought_mask, thought_len), ratio, unclipped, clipped
+
+
+def thought_kl(logp_new: Tensor, logp_ref: Tensor, thought_mask: Tensor) -> Tensor:
+    """Per-thought mean of the k3 KL estimator toward ``logp_ref``: shapes [..., U] -> [...].
+
+    The paper's KL ablation (beta * KL added to the loss); like the clipped surrogate, each thought
+    is normalised by its own length, so rows of thoughts can be split anywhere.
+    """
+    thought_len = thought_mask.sum(dim=-1).to(logp_new.dtype)
+    return _per_thought_mean(_k3_kl(logp_new, logp_ref, thought_mask), thought_mask, thought_len)
 
 
 def _importance_ratio(logp_new: Tensor, logp_old: Tensor, mask: Tensor) -> Tensor:
@@ -205,50 +228,59 @@ def _k3_kl(logp_new: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _metrics(
+def rlp_metrics(
     *,
-    reward: Tensor,
-    advantage: Tensor,
+    per_thought_loss: Tensor,
+    per_thought_kl: Tensor,
     ratio: Tensor,
     unclipped: Tensor,
     clipped: Tensor,
-    mask: Tensor,
-    thought_len: Tensor,
+    thought_mask: Tensor,
+    reward: Tensor,
+    advantage: Tensor,
     s_pred: Tensor,
     s_ema: Tensor,
-    pg_loss: Tensor,
-    kl: Tensor,
+    reward_group_std: Tensor,
 ) -> dict[str, Tensor]:
-    """Detached scalar metrics.
+    """Detached scalar metrics over any set of thoughts: [...] per thought, [..., U] per token.
+
+    The one metrics function of every RLP configuration (whole groups or rows of split groups), so
+    all log the same keys. Per-thought inputs are what the thoughts at hand know: their reward,
+    advantage, S_pred, their context's S_ema and their group's reward std (`group_reward_std`),
+    all computed over whole groups before any split. Means over thoughts are exact under any split
+    weighted by thoughts; ``reward_std`` and ``adv_std`` are the spread over the thoughts given.
 
     Clip fractions count masked tokens where the clipped branch is strictly smaller than the
     unclipped one, i.e. where the clip is what the min picks and the token's gradient is cut. With
     A > 0 that happens only above 1 + eps_high, with A < 0 only below 1 - eps_low, so
     ``clip_frac == clip_frac_low + clip_frac_high``.
     """
+    mask = thought_mask
+    dtype = torch.promote_types(reward.dtype, torch.float32)
+    reward = reward.detach().to(dtype)
     ratio = ratio.detach()
-    n_tokens = mask.sum().to(reward.dtype)
+    n_tokens = mask.sum().to(dtype)
     clip_active = mask & (clipped.detach() < unclipped.detach())
     clip_low = clip_active & (ratio < 1.0)
     clip_high = clip_active & (ratio > 1.0)
     masked_ratio = ratio[mask]
     return {
-        "loss_pg": pg_loss.detach(),
-        "kl": kl.detach(),
+        "loss_pg": per_thought_loss.detach().to(dtype).mean(),
+        "kl": per_thought_kl.detach().to(dtype).mean(),
         "reward_mean": reward.mean(),
         "reward_std": reward.std(correction=0),
         # Mean within-group spread: the only part of the reward the advantage can see.
-        "reward_group_std": reward.std(dim=1, correction=0).mean(),
-        "reward_pos_frac": (reward > 0).to(reward.dtype).mean(),
-        "adv_std": advantage.std(correction=0),
+        "reward_group_std": reward_group_std.detach().to(dtype).mean(),
+        "reward_pos_frac": (reward > 0).to(dtype).mean(),
+        "adv_std": advantage.detach().to(dtype).std(correction=0),
         "clip_frac": clip_active.sum() / n_tokens,
         "clip_frac_low": clip_low.sum() / n_tokens,
         "clip_frac_high": clip_high.sum() / n_tokens,
         "ratio_mean": masked_ratio.mean(),
         "ratio_max": masked_ratio.max(),
-        "thought_len_mean": thought_len.mean(),
-        "s_pred_mean": s_pred.detach().to(reward.dtype).mean(),
-        "s_ema_mean": s_ema.detach().to(reward.dtype).mean(),
+        "thought_len_mean": mask.sum(dim=-1).to(dtype).mean(),
+        "s_pred_mean": s_pred.detach().to(dtype).mean(),
+        "s_ema_mean": s_ema.detach().to(dtype).mean(),
     }
 
 

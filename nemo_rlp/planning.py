@@ -20,8 +20,8 @@ Static (held the whole run; `nemo_rlp.training.policy`):
 - gradients: P * 4. megatron's DDP keeps fp32 main grads (`grad_reduce_in_fp32=True`).
 - optimizer: P * 12 / S: megatron's mixed-precision Adam keeps an fp32 master copy and the two fp32
   moments (8 bytes with fp32 weights, which need no master copy). S = DP with the distributed
-  optimizer, which shards this state over data-parallel ranks, else 1. The trainer builds the
-  optimizer with `use_distributed_optimizer=False` today, so S = 1 unless the what-if asks for it.
+  optimizer (`parallel.distributed_optimizer`, or the what-if), which shards this state over
+  data-parallel ranks, else 1.
 
 Phases (transient; the peak is static + the largest phase + `reserve_gib` for the CUDA context, NCCL
 buffers, Transformer Engine workspaces and allocator fragmentation):
@@ -47,10 +47,12 @@ buffers, Transformer Engine workspaces and allocator fragmentation):
 3. RLP training (`nemo_rlp.training.steps.rlp_update`): a microbatch of `rlp.micro_batch_rows` rows
    (groups split), else G * `rlp.micro_batch_contexts` rows (all b contexts when 0), of c + L + 2
    input tokens. Rollouts hold `rlp.rollout_batch_contexts` contexts at once and the teacher scores
-   `rlp.score_batch_windows` windows per forward (0: all). No activation recomputation and no sequence
-   parallelism (the providers enable neither), so every layer keeps what its backward needs. Rough
-   bytes per token (bf16, Transformer Engine layers, flash attention, dropout 0):
-   - every layer: its input and its normalised input, 2 * h * 2 (replicated over TP);
+   `rlp.score_batch_windows` windows per forward (0: all). No activation recomputation (the providers
+   do not enable it), so every layer keeps what its backward needs. Rough bytes per token (bf16,
+   Transformer Engine layers, flash attention, dropout 0):
+   - every layer: its input and its normalised input, 2 * h * 2, replicated over TP; / TP with
+     sequence parallelism (`parallel.sequence_parallel`: each TP rank keeps its 1/TP of the tokens,
+     and the linears keep their input un-gathered, gathering it again in backward);
    - attention: QKV output, q/k norm inputs when `qk_layernorm`, and flash attention's q, k, v and
      output: 2 * ((q + 2kv) + (q + kv if qk_layernorm) + (2q + 2kv)) / TP with q = heads * head_dim,
      kv = kv_heads * head_dim;
@@ -58,10 +60,12 @@ buffers, Transformer Engine workspaces and allocator fragmentation):
    - Mamba: in_proj output (2 * d_inner + 2 * groups * d_state + heads), conv output (d_inner + 2 *
      groups * d_state), scan output and gated-norm output (2 * d_inner), all * 2 / TP, plus dt and its
      cumulative sum in fp32, 8 * heads / TP;
-   - GPT layers are an attention and an MLP half; the final norm and the output layer keep 2 * h * 2.
-   The loss adds the logits over every position (context included): [tokens, V/TP] in bf16, cast to
-   fp32 and transposed into a contiguous fp32 copy that the cross-entropy keeps as its softmax: 10 bytes
-   per entry at the forward peak. Under pipeline parallelism the first stage holds min(PP, microbatches)
+   - GPT layers are an attention and an MLP half; the final norm and the output layer keep 2 * h * 2
+     (/ TP with sequence parallelism).
+   The loss adds the logits: [tokens, V/TP] in bf16, cast to fp32 and transposed into a contiguous
+   fp32 copy that the cross-entropy keeps as its softmax: 10 bytes per entry at the forward peak. With
+   packed RLP rows (`rlp.pack_rows`) only the L + 1 positions that predict a thought token or x_t get
+   logits (`nemo_rlp.training.packing.logits_at`), not the context; NTP rows get them everywhere. Under pipeline parallelism the first stage holds min(PP, microbatches)
    microbatches in flight (1F1B).
 4. NTP training: the same model with `trainer.ntp_micro_batch_size` rows (the whole per-rank batch when
    0) of `data.ntp_seq_len` tokens.
@@ -71,8 +75,8 @@ prefill and decoding), N the parameters that multiply (all but the input embeddi
 to the output layer). The quadratic attention term is left out; at c + L = 4096 tokens it adds about
 4 * s * heads * head_dim FLOPs per attention layer and token.
 
-What-ifs (`WhatIf`, `--what-if` on the command line): the distributed optimizer, which the trainer does
-not use yet, and quick overrides of the three piece sizes above without editing the config. A plan
+What-ifs (`WhatIf`, `--what-if` on the command line): the distributed optimizer (also
+`parallel.distributed_optimizer`), and quick overrides of the three piece sizes above without editing the config. A plan
 with any of them says so in its header; the Slurm dry run plans the config as it is.
 
 CPT baseline (docs/design.md section 1): a continued-pretraining run that sees as many tokens as RLP spends,
@@ -227,10 +231,11 @@ def _dims(m: ModelConfig) -> dict:
     )
 
 
-def training_bytes_per_token(kind: str, m: ModelConfig, tp: int) -> float:
-    """Activation bytes one layer keeps for its backward, per token (bf16, no recompute, no SP)."""
+def training_bytes_per_token(kind: str, m: ModelConfig, tp: int, sequence_parallel: bool = False) -> float:
+    """Activation bytes one layer keeps for its backward, per token (bf16, no recompute)."""
     d = _dims(m)
-    norm = 2 * d["h"] * 2  # layer input + normalised input, replicated over TP
+    # layer input + normalised input: replicated over TP, or split over TP with sequence parallelism
+    norm = 2 * d["h"] * 2 / (tp if sequence_parallel else 1)
     if kind == "*":
         qk_norm = (d["q"] + d["kv"]) if m.qk_layernorm else 0
         return norm + 2 * ((d["q"] + 2 * d["kv"]) + qk_norm + (2 * d["q"] + 2 * d["kv"])) / tp
@@ -241,7 +246,8 @@ def training_bytes_per_token(kind: str, m: ModelConfig, tp: int) -> float:
         in_proj = 2 * d["d_inner"] + 2 * d["gn"] + d["m_heads"]
         return norm + 2 * (in_proj + d["conv_dim"] + 2 * d["d_inner"]) / tp + 8 * d["m_heads"] / tp
     if kind == "T":
-        return training_bytes_per_token("*", m, tp) + training_bytes_per_token("-", m, tp)
+        return (training_bytes_per_token("*", m, tp, sequence_parallel)
+                + training_bytes_per_token("-", m, tp, sequence_parallel))
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
@@ -442,13 +448,14 @@ def make_plan(
         n_mamba = stage_kinds.count("M")
         params = counts.per_gpu(tp, pp, s, tied)
         opt_bytes = 12 if m.params_dtype == "bf16" else 8
-        shards = dp if what_if.distributed_optimizer else 1
+        sharded = what_if.distributed_optimizer or p.distributed_optimizer
+        shards = dp if sharded else 1
         static = [
             (f"weights ({m.params_dtype})", params * w_bytes),
             ("EMA teacher (fp32)", params * 4.0),
             ("gradients (fp32 main grads)", params * 4.0),
             (
-                f"optimizer (fp32 master + Adam m, v; {'sharded over DP=' + str(dp) if what_if.distributed_optimizer else 'not sharded'})",
+                f"optimizer (fp32 master + Adam m, v; {'sharded over DP=' + str(dp) if sharded else 'not sharded'})",
                 params * opt_bytes / shards,
             ),
         ]
@@ -494,15 +501,17 @@ def make_plan(
         )
 
         # 3./4. training microbatches
-        def training(rows: int, seq: int, microbatches: int, what: str, hint: str) -> Phase:
+        def training(rows: int, seq: int, microbatches: int, what: str, hint: str, scored: int = 0) -> Phase:
+            """`scored`: tokens per row that get logits (0: all; RLP rows: the thought and x_t only)."""
             tokens = rows * seq
             inflight = min(pp - s, microbatches)
-            layer_bytes = sum(training_bytes_per_token(k, m, tp) for k in stage_kinds)
+            layer_bytes = sum(training_bytes_per_token(k, m, tp, p.sequence_parallel) for k in stage_kinds)
             items = [(f"activations ({len(stage_kinds)} layers, {inflight} microbatch(es) in flight)",
                       tokens * layer_bytes * inflight)]
             if last:
-                items.append(("final norm + output layer inputs", tokens * 2 * dims["h"] * 2))
-                items.append(("logits + loss (bf16 + fp32 copies)", tokens * V / tp * LOGIT_BYTES_TRAIN))
+                split = tp if p.sequence_parallel else 1
+                items.append(("final norm + output layer inputs", tokens * 2 * dims["h"] * 2 / split))
+                items.append(("logits + loss (bf16 + fp32 copies)", rows * (scored or seq) * V / tp * LOGIT_BYTES_TRAIN))
             return Phase(what, items, note=f"microbatch {rows} rows x {seq} tokens, {microbatches} microbatch(es)",
                          hint=hint)
 
@@ -510,6 +519,8 @@ def make_plan(
             train_rows, width, train_micro, "RLP training microbatch",
             f"A smaller microbatch: rlp.micro_batch_rows (now {r.micro_batch_rows}; 0 means whole groups "
             f"of G={G} rows of {width} tokens), or a larger TP.",
+            # Packed rows make logits only where the loss reads them (nemo_rlp.training.packing.logits_at).
+            scored=L + 1 if r.pack_rows else 0,
         )
         ntp_train = training(
             ntp_rows, d.ntp_seq_len, ntp_micro, "NTP training microbatch",
@@ -574,12 +585,11 @@ def _tokens_and_flops(plan: Plan) -> None:
         prefill = B * G * sum(c + 1 + i for i in range(L + 1))
     decode = B * G * (L + 1) if r.rollout_mode != "recompute" else 0
     trained = B * G * (c + L + 2)
-    # A forward-only pass for θ_old's log-probs and S_pred before the first update: with several
-    # minibatches, or (what-if) when training microbatches split the groups; plus the KL reference.
-    scores_first = r.logprob_source == "recompute" and (
-        r.num_minibatches > 1 or plan.what_if.train_microbatch_rows is not None or r.micro_batch_rows > 0
-    )
-    extra_forward = trained * (scores_first + (r.kl_beta > 0))
+    # A forward-only pass for θ_old's log-probs of the rows trained after the first update (several
+    # minibatches, `recompute`); S_pred comes from the rollout whatever the microbatches. Plus the KL
+    # reference's forward.
+    later_rows = 1 - 1 / r.num_minibatches
+    extra_forward = trained * ((r.logprob_source == "recompute") * later_rows + (r.kl_beta > 0))
     ntp = t.ntp_batch_size * d.ntp_seq_len
     plan.tokens = {
         "thought tokens sampled (B*G*L)": B * G * L,
@@ -631,7 +641,9 @@ def format_plan(plan: Plan) -> str:
         lines.append("WHAT-IF (not the config as it is): " + ", ".join(plan.what_if.active()))
     lines.append(
         f"layout: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs = {hw.world_size}; TP={plan.tp} PP={plan.pp} "
-        f"-> DP={plan.dp} model replicas of {plan.tp * plan.pp} GPUs; {hw.gpu_memory_gib:g} GiB per GPU"
+        f"-> DP={plan.dp} model replicas of {plan.tp * plan.pp} GPUs; {hw.gpu_memory_gib:g} GiB per GPU; "
+        f"sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}, distributed optimizer "
+        f"{'on' if cfg.parallel.distributed_optimizer or plan.what_if.distributed_optimizer else 'off'}"
     )
     published = plan.published
     deviation = f"; published {published / 1e9:.2f}B, {100 * (counts.total / published - 1):+.2f}%" if published else ""

@@ -28,16 +28,18 @@ def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab: int, tensor_parallel: i
     return -(-tokenizer_vocab // multiple) * multiple
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
-    """Dispatch on `model.arch`: one provider per architecture, nothing else changes."""
+def build_model(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device,
+                sequence_parallel: bool = False):
+    """Dispatch on `model.arch`: one provider per architecture, nothing else changes.
+    `sequence_parallel`: megatron's sequence parallelism in training (`parallel.sequence_parallel`)."""
     if cfg.arch == "gpt":
         from nemo_rlp.models.gpt import build_gpt
 
-        return build_gpt(cfg, vocab_size, tensor_parallel, device)
+        return build_gpt(cfg, vocab_size, tensor_parallel, device, sequence_parallel)
     if cfg.arch == "hybrid":
         from nemo_rlp.models.hybrid import build_hybrid
 
-        return build_hybrid(cfg, vocab_size, tensor_parallel, device)
+        return build_hybrid(cfg, vocab_size, tensor_parallel, device, sequence_parallel)
     raise ConfigError(f"model.arch={cfg.arch!r} is not allowed: one of 'gpt', 'hybrid'")
 
 

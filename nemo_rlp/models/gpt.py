@@ -1,7 +1,8 @@
 """megatron-core GPTModel provider: a `ModelConfig` in, a (possibly tensor-parallel) GPTModel out.
 
-On CPU the local (non-Transformer-Engine) layer spec runs; on GPU the Transformer Engine spec is used
-when Transformer Engine is importable.
+On CPU the local (non-Transformer-Engine) layer spec runs, with torch SDPA as its core attention
+(`nemo_rlp.models.attention`); on GPU the Transformer Engine spec is used when Transformer Engine is
+importable.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def transformer_config(cfg: ModelConfig, tensor_parallel: int, **overrides):
     )
 
 
-def _layer_spec(cfg: ModelConfig):
+def _layer_spec(cfg: ModelConfig, config):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -78,7 +79,27 @@ def _layer_spec(cfg: ModelConfig):
             return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
         except ImportError:
             pass
-    return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+    return _local_block_spec(get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization),
+                             config)
+
+
+def _local_block_spec(layer, config):
+    """megatron's local layer spec, with torch SDPA as its core attention (instead of megatron's
+    score-materialising DotProductAttention) and torch norms that allow sequence parallelism, as a
+    block spec (megatron would build the block's final norm from its own `WrappedTorchNorm`)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from nemo_rlp.models.attention import SDPAttention
+    from nemo_rlp.models.norms import TorchNorm
+
+    attention = layer.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    for holder, name in ((layer.submodules, "input_layernorm"), (layer.submodules, "pre_mlp_layernorm"),
+                         (attention, "q_layernorm"), (attention, "k_layernorm")):
+        if getattr(holder, name) is WrappedTorchNorm:
+            setattr(holder, name, TorchNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
 
 
 def pipeline_stage() -> tuple[bool, bool, int]:
@@ -95,17 +116,19 @@ def pipeline_stage() -> tuple[bool, bool, int]:
     )
 
 
-def build_gpt(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
+def build_gpt(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device,
+              sequence_parallel: bool = False):
     """Build the GPTModel for this rank's shard (its pipeline stage's layers, its TP slice).
     `vocab_size` is the padded model vocabulary."""
     from megatron.core.models.gpt import GPTModel
 
     first, last, _ = pipeline_stage()
+    config = transformer_config(cfg, tensor_parallel, sequence_parallel=sequence_parallel)
     model = GPTModel(
         pre_process=first,
         post_process=last,
-        config=transformer_config(cfg, tensor_parallel),
-        transformer_layer_spec=_layer_spec(cfg),
+        config=config,
+        transformer_layer_spec=_layer_spec(cfg, config),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,

@@ -12,6 +12,8 @@ does not come through here: it runs megatron's schedules, `nemo_rlp.training.ste
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from nemo_rlp.parallel import pipeline
@@ -32,7 +34,8 @@ class ModelHandle:
         positions = positions_like(tokens) if positions is None else positions
         # attention_mask=None: megatron applies its causal mask. Rows are right-padded, so padding
         # sits after every real token and cannot be attended to by them.
-        return pipeline.forward(self.module, self.language_model, tokens, positions, **kwargs)
+        with sequence_parallel_off(self.language_model):
+            return pipeline.forward(self.module, self.language_model, tokens, positions, **kwargs)
 
     def token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[:, j+1] | tokens[:, :j+1]) for every j: [b, s-1], fp32. Differentiable
@@ -139,6 +142,23 @@ class ModelHandle:
         return self.train(False)
 
 
+@contextlib.contextmanager
+def sequence_parallel_off(language_model: torch.nn.Module):
+    """Run a model trained with sequence parallelism without it (rollouts, scoring), as megatron's
+    own inference does (text_generation_controller.py): a decoding step feeds one token per row,
+    which cannot be split over tensor-parallel ranks."""
+    if not getattr(language_model.config, "sequence_parallel", False):
+        yield
+        return
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+    set_model_to_sequence_parallel(language_model, set_to=False)
+    try:
+        yield
+    finally:
+        set_model_to_sequence_parallel(language_model, set_to=True)
+
+
 def positions_like(tokens: torch.Tensor) -> torch.Tensor:
     """Position ids 0..s-1 for right-padded rows that start at position 0."""
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -154,6 +174,13 @@ def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
         logits.float().transpose(0, 1).contiguous(), tokens[:, 1:].t().contiguous()
     )
     return -nll.t()
+
+
+def labelled_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probs [..] of `labels` [..] under vocabulary-sharded logits [.., V/TP]."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(logits.float().contiguous(), labels.contiguous())
 
 
 def _full_vocab(logits: torch.Tensor) -> torch.Tensor:

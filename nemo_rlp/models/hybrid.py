@@ -8,7 +8,7 @@ Layer specs:
 - GPU with Transformer Engine: megatron's `mamba_stack_spec` (TE linears with fused norms), with the
   configured SSD chunk size and QK norms.
 - Otherwise (CPU): a local spec of megatron-core modules only (ColumnParallelLinear /
-  RowParallelLinear, DotProductAttention, torch norms). megatron's `MambaStack` hard-codes a TE
+  RowParallelLinear, torch SDPA core attention (`nemo_rlp.models.attention`), torch norms). megatron's `MambaStack` hard-codes a TE
   final norm (mamba_block.py:166 in megatron-core 0.16.1), so the local spec uses `LocalMambaStack`,
   which builds the same stack with a torch RMSNorm/LayerNorm as its final norm. Like megatron's
   ModelOpt spec (`remap_te_layernorm`), the local spec maps its separate norms onto the TE names in
@@ -51,10 +51,11 @@ def use_transformer_engine() -> bool:
     return True
 
 
-def hybrid_transformer_config(cfg: ModelConfig, tensor_parallel: int):
+def hybrid_transformer_config(cfg: ModelConfig, tensor_parallel: int, sequence_parallel: bool = False):
     return transformer_config(
         cfg,
         tensor_parallel,
+        sequence_parallel=sequence_parallel,
         is_hybrid_model=True,
         mamba_num_heads=cfg.mamba_num_heads,
         mamba_head_dim=cfg.mamba_head_dim,
@@ -66,7 +67,8 @@ def hybrid_transformer_config(cfg: ModelConfig, tensor_parallel: int):
 @functools.lru_cache(maxsize=None)
 def _local_mamba_stack_class():
     from megatron.core.ssm.mamba_block import MambaStack
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from nemo_rlp.models.norms import TorchNorm
 
     class LocalMambaStack(MambaStack):
         """megatron's MambaStack with a torch final norm instead of the hard-coded TENorm."""
@@ -75,7 +77,7 @@ def _local_mamba_stack_class():
             super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
             self.post_layer_norm = post_layer_norm
             if self.post_process and self.post_layer_norm:
-                self.final_norm = WrappedTorchNorm(
+                self.final_norm = TorchNorm(
                     config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon
                 )
 
@@ -91,15 +93,17 @@ def local_stack_spec(cfg: ModelConfig):
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-    norm = WrappedTorchNorm
+    from nemo_rlp.models.attention import SDPAttention
+    from nemo_rlp.models.norms import TorchNorm
+
+    # torch norms that allow sequence parallelism (megatron's WrappedTorchNorm refuses it)
+    norm = TorchNorm
     qk_norm = norm if cfg.qk_layernorm else IdentityOp
     return ModuleSpec(
         module=_local_mamba_stack_class(),
@@ -127,7 +131,8 @@ def local_stack_spec(cfg: ModelConfig):
                         params={"attn_mask_type": AttnMaskType.causal},
                         submodules=SelfAttentionSubmodules(
                             linear_qkv=ColumnParallelLinear,
-                            core_attention=DotProductAttention,
+                            # torch SDPA, not megatron's score-materialising DotProductAttention.
+                            core_attention=SDPAttention,
                             linear_proj=RowParallelLinear,
                             q_layernorm=qk_norm,
                             k_layernorm=qk_norm,
@@ -172,7 +177,8 @@ def hybrid_stack_spec(cfg: ModelConfig):
     return te_stack_spec(cfg) if use_transformer_engine() else local_stack_spec(cfg)
 
 
-def build_hybrid(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
+def build_hybrid(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device,
+                 sequence_parallel: bool = False):
     """Build the MambaModel for this rank's shard. `vocab_size` is the padded model vocabulary."""
     # Before megatron's mamba modules are imported: the mixer module needs triton otherwise.
     mamba_cpu_kernels.install()
@@ -182,7 +188,7 @@ def build_hybrid(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device
     model = MambaModel(
         pre_process=first,
         post_process=last,
-        config=hybrid_transformer_config(cfg, tensor_parallel),
+        config=hybrid_transformer_config(cfg, tensor_parallel, sequence_parallel),
         mamba_stack_spec=hybrid_stack_spec(cfg),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_sequence_length,

@@ -44,6 +44,8 @@ dtype, as the fused kernels do; SSM states are returned/kept in fp32.
 |              | `HAVE_MAMBA_SSM`                                | "MambaSSM is not installed" check       |
 | 83           | `ExtendedRMSNorm(RMSNormGated)`, the class the  | 355; subclasses a MagicMock when        |
 |              | mixer instantiates                              | mamba-ssm is absent, so it is replaced  |
+| 1247         | `_check_mamba_sequence_packing_support`         | 654 `_ssm_training` with packed         |
+|              | (asks mamba-ssm / causal-conv1d versions)       | sequences: these kernels honour seq_idx |
 
 The mixer binds these names at import, so `install()` sets them as attributes of the imported
 `megatron.core.ssm.mamba_mixer` module (whenever it was imported). Call `install()` before building
@@ -693,6 +695,12 @@ def _register_tensor_ops_stand_in() -> None:
     sys.modules[_TENSOR_OPS_MODULE] = module
 
 
+def _stand_ins_support_sequence_packing(for_inference_not_training: bool = True):
+    """Stand-in for megatron's version check (mamba_mixer.py:1247): the conv and the SSD scan here
+    reset their state where `seq_idx` changes, which is all packed sequences need."""
+    return True, None
+
+
 def install(force: bool = False) -> bool:
     """Put the stand-ins where megatron's MambaMixer looks them up. Returns True when they are active.
 
@@ -729,6 +737,9 @@ def install(force: bool = False) -> bool:
         "tensor_get_slice_after": tensor_get_slice_after,
         "tensor_merge": tensor_merge,
         "tensor_masked_update": tensor_masked_update,
+        # Packed sequences (training rows end to end, nemo_rlp.training.packing): megatron asks the
+        # installed mamba-ssm / causal-conv1d versions whether they honour `seq_idx`; these do.
+        "_check_mamba_sequence_packing_support": _stand_ins_support_sequence_packing,
     }
     for name, value in stand_ins.items():
         setattr(mamba_mixer, name, value)

@@ -14,7 +14,9 @@ from typing import Optional, Protocol
 
 import torch
 
-from nemo_rlp.objective import rlp_loss, thought_losses
+from nemo_rlp.objective import (
+    group_advantages, group_reward_std, rewards, rlp_metrics, thought_kl, thought_losses,
+)
 
 
 class MicrobatchLoss(Protocol):
@@ -39,101 +41,106 @@ class NTPLoss:
 
 @dataclass
 class RLPLoss:
-    """The RLP loss of whole groups: rows b*G .. b*G+G-1 are the G thoughts of context b."""
+    """The RLP loss of any rows of thoughts (the one RLP loss path): whole groups or rows of split
+    groups alike. Rewards and group-relative advantages are computed over whole groups before the
+    schedule (`RLPRows.from_groups`), so a microbatch may hold any rows; every thought's loss then
+    depends on its own tokens and advantage only (`objective.thought_losses`)."""
 
-    tokens: torch.Tensor  # [B*G, S]: context, <think>, thought, </think>, x_t, pad...
-    thought_index: torch.Tensor  # [B*G, U]: position of each sampled thought token in its row
-    thought_mask: torch.Tensor  # [B*G, U]
-    answer_index: torch.Tensor  # [B*G]: position of x_t
-    s_ema: torch.Tensor  # [B]
-    group_size: int
+    tokens: torch.Tensor  # [N, S]: context, <think>, thought, </think>, x_t, pad...
+    thought_index: torch.Tensor  # [N, U]: position of each sampled thought token in its row
+    thought_mask: torch.Tensor  # [N, U]
+    answer_index: torch.Tensor  # [N]: position of x_t
+    rows: "RLPRows"  # per-thought constants of these N rows
     global_thoughts: int  # thoughts in the global batch
     eps_low: float
     eps_high: float
     kl_beta: float = 0.0
-    # θ_old's log-probs of the thought tokens and S_pred. None: this forward is θ_old's (the first
-    # optimizer step on these rollouts), so its own values, detached, are exact.
-    logp_old: Optional[torch.Tensor] = None  # [B*G, U]
-    s_pred: Optional[torch.Tensor] = None  # [B*G]
-    logp_ref: Optional[torch.Tensor] = None  # [B*G, U], with kl_beta > 0
+    # θ_old's log-probs of the thought tokens. None: this forward is θ_old's (the first optimizer
+    # step on these rollouts), so its own values, detached, are exact and the ratio is exactly 1.
+    logp_old: Optional[torch.Tensor] = None  # [N, U]
+    logp_ref: Optional[torch.Tensor] = None  # [N, U], with kl_beta > 0
     # The rollout pass's own values, compared with this forward's as a check (not used in the loss).
-    sampler_logp: Optional[torch.Tensor] = None  # [B*G, U]
-    sampler_s_pred: Optional[torch.Tensor] = None  # [B*G]
+    sampler_logp: Optional[torch.Tensor] = None  # [N, U]
+    sampler_s_pred: Optional[torch.Tensor] = None  # [N]
+
+    @property
+    def row_lengths(self) -> torch.Tensor:
+        """Real tokens per row (through x_t): what a packed microbatch holds of each row."""
+        return self.answer_index + 1
+
+    @property
+    def scored_inputs(self) -> torch.Tensor:
+        """[N, S-1]: the log-prob entries this loss reads (the thought tokens', x_t's), the only
+        positions a packed microbatch computes logits for (`nemo_rlp.training.packing.logits_at`)."""
+        scored = torch.zeros(self.tokens.shape[0], self.tokens.shape[1] - 1, dtype=torch.bool,
+                             device=self.tokens.device)
+        rows = torch.arange(self.tokens.shape[0], device=self.tokens.device)
+        scored[rows[:, None].expand_as(self.thought_index)[self.thought_mask],
+               (self.thought_index - 1)[self.thought_mask]] = True
+        scored[rows, self.answer_index - 1] = True
+        return scored
 
     def __call__(self, logprobs):
-        rows = torch.arange(self.tokens.shape[0], device=logprobs.device)
+        mask = self.thought_mask
         logp_new = logprobs.gather(1, self.thought_index - 1)
-        s_pred_here = logprobs[rows, self.answer_index - 1].detach()
-        s_pred = s_pred_here if self.s_pred is None else self.s_pred
         logp_old = logp_new.detach() if self.logp_old is None else self.logp_old
-        B, G = self.s_ema.shape[0], self.group_size
-        shaped = lambda t: t.reshape(B, G, -1)  # noqa: E731
+        rows = self.rows
         # Non-finite rewards (S_pred, S_ema) or thought log-probs make this microbatch's loss and
         # metrics NaN, so that the optimizer step is skipped (training/policy.py) instead of the
         # objective raising: the inputs are made finite for the objective, and the result poisoned.
         # The metrics keep their names (data-parallel ranks reduce them by name). No host sync.
-        s_ema, logp_ref = self.s_ema, self.logp_ref
-        mask = self.thought_mask
         finite = torch.stack([
-            torch.isfinite(s_pred).all(), torch.isfinite(s_ema).all(),
+            torch.isfinite(rows.advantages).all(), torch.isfinite(rows.rewards).all(),
             (torch.isfinite(logp_new.detach()) | ~mask).all(), (torch.isfinite(logp_old) | ~mask).all(),
         ]).all()
         poison = torch.where(finite, 1.0, float("nan")).to(logp_new.dtype)
-        s_pred, s_ema, logp_new, logp_old = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
-                                              for t in (s_pred, s_ema, logp_new, logp_old))
-        loss, metrics = rlp_loss(
-            shaped(logp_new), shaped(logp_old), shaped(mask), s_pred.reshape(B, G), s_ema,
-            self.eps_low, self.eps_high, kl_beta=self.kl_beta,
-            logp_ref=None if logp_ref is None else shaped(logp_ref),
+        finite_ = lambda t: torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731
+        logp_new, logp_old, advantages = finite_(logp_new), finite_(logp_old), finite_(rows.advantages)
+        per_thought, ratio, unclipped, clipped = thought_losses(
+            logp_new, logp_old, mask, advantages, self.eps_low, self.eps_high
         )
-        loss = loss * poison
+        per_thought_kl = torch.zeros_like(per_thought)
+        loss_sum = per_thought.sum()
+        if self.kl_beta > 0:
+            per_thought_kl = thought_kl(logp_new, self.logp_ref, mask)
+            loss_sum = loss_sum + self.kl_beta * per_thought_kl.sum()
+        metrics = rlp_metrics(
+            per_thought_loss=per_thought, per_thought_kl=per_thought_kl, ratio=ratio, unclipped=unclipped,
+            clipped=clipped, thought_mask=mask, reward=rows.rewards, advantage=rows.advantages,
+            s_pred=rows.s_pred, s_ema=rows.s_ema, reward_group_std=rows.reward_group_std,
+        )
         metrics = {k: v * poison for k, v in metrics.items()}
-        units = B * G
         if self.sampler_logp is not None:
-            gap = (logp_new.detach() - self.sampler_logp).abs().masked_fill(~self.thought_mask, 0.0)
+            gap = (logp_new.detach() - self.sampler_logp).abs().masked_fill(~mask, 0.0)
             metrics["logp_mismatch_max"] = gap.max()
-            metrics["s_pred_mismatch_max"] = (s_pred_here - self.sampler_s_pred).abs().max()
-        # rlp_loss is the mean over this microbatch's B*G thoughts.
-        return loss * (units / self.global_thoughts), metrics, units
+        if self.sampler_s_pred is not None:
+            here = logprobs[torch.arange(len(self.answer_index), device=logprobs.device), self.answer_index - 1]
+            metrics["s_pred_mismatch_max"] = (here.detach() - self.sampler_s_pred).abs().max()
+        # The summed per-thought losses over the global count: shares add up to the batch mean.
+        units = self.tokens.shape[0]
+        return loss_sum * poison / self.global_thoughts, metrics, units
 
 
 @dataclass
-class RLPRowLoss:
-    """The RLP loss of any rows of thoughts, whose advantages were computed over whole groups before
-    the schedule (`rlp.micro_batch_rows`): a microbatch need not hold a whole group, which is what
-    lets a large model train on long thoughts in small microbatches."""
+class RLPRows:
+    """Per-thought constants of the RLP loss, computed over whole groups before any split."""
 
-    tokens: torch.Tensor  # [N, S]
-    thought_index: torch.Tensor  # [N, U]
-    thought_mask: torch.Tensor  # [N, U]
-    advantages: torch.Tensor  # [N]
-    rewards: torch.Tensor  # [N] (metrics only)
-    logp_old: torch.Tensor  # [N, U]: θ_old's, computed before the schedule
-    global_thoughts: int
-    eps_low: float
-    eps_high: float
+    rewards: torch.Tensor  # [N] r = S_pred - S_ema
+    advantages: torch.Tensor  # [N] A = G/(G-1) (r - group mean)
+    s_pred: torch.Tensor  # [N]
+    s_ema: torch.Tensor  # [N]: its context's
+    reward_group_std: torch.Tensor  # [N]: its group's
 
-    def __call__(self, logprobs):
-        logp_new = logprobs.gather(1, self.thought_index - 1)
-        per_thought, ratio, unclipped, clipped = thought_losses(
-            logp_new, self.logp_old, self.thought_mask, self.advantages, self.eps_low, self.eps_high
+    @staticmethod
+    def from_groups(s_pred: torch.Tensor, s_ema: torch.Tensor) -> "RLPRows":
+        """From S_pred [B, G] and S_ema [B] (docs/design.md section 1, steps 4-5), flattened to B*G rows."""
+        reward = rewards(s_pred, s_ema)
+        return RLPRows(
+            rewards=reward.reshape(-1), advantages=group_advantages(reward).reshape(-1),
+            s_pred=s_pred.detach().reshape(-1), s_ema=s_ema.detach()[:, None].expand_as(reward).reshape(-1),
+            reward_group_std=group_reward_std(reward).reshape(-1),
         )
-        units = self.tokens.shape[0]
-        mask = self.thought_mask
-        with torch.no_grad():
-            n_tokens = mask.sum().clamp(min=1)
-            clip_active = mask & (clipped < unclipped)
-            metrics = {
-                "loss_pg": per_thought.detach().mean(),
-                "reward_mean": self.rewards.mean(),
-                "reward_pos_frac": (self.rewards > 0).float().mean(),
-                "adv_std": self.advantages.std(correction=0),
-                "clip_frac": clip_active.sum() / n_tokens,
-                "clip_frac_low": (clip_active & (ratio < 1)).sum() / n_tokens,
-                "clip_frac_high": (clip_active & (ratio > 1)).sum() / n_tokens,
-                "ratio_mean": ratio[mask].mean(),
-                "ratio_max": ratio[mask].max(),
-                "thought_len_mean": mask.sum(dim=-1).float().mean(),
-            }
-        # Non-finite inputs make the loss NaN, and the optimizer step is then skipped (policy.py).
-        return per_thought.sum() / self.global_thoughts, metrics, units
+
+    def __getitem__(self, rows: slice) -> "RLPRows":
+        return RLPRows(*(t[rows] for t in (self.rewards, self.advantages, self.s_pred, self.s_ema,
+                                           self.reward_group_std)))

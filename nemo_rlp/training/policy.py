@@ -19,10 +19,11 @@ from typing import Optional
 
 import torch
 
-from nemo_rlp.config import RunConfig, lr_decay_steps
+from nemo_rlp.config import ConfigError, RunConfig, lr_decay_steps
 from nemo_rlp.ema import EMATeacher
 from nemo_rlp.models import build_model, build_teacher_model
 from nemo_rlp.models.handle import ModelHandle
+from nemo_rlp.parallel.cpu_platform import cuda_available
 from nemo_rlp.parallel.distributed import ParallelLayout
 
 # Metrics that carry the loss and the rewards; a non-finite value among them skips the update.
@@ -50,11 +51,17 @@ class PolicyWithTeacher:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         tp = layout.tensor_parallel
-        language_model = build_model(cfg.model, vocab_size, tp, layout.device)
+        distributed_optimizer = cfg.parallel.distributed_optimizer
+        if distributed_optimizer and not cuda_available():
+            raise ConfigError(
+                "parallel.distributed_optimizer=true needs CUDA: megatron-core's DistributedOptimizer "
+                "requires torch.cuda parameters (distrib_optimizer.py:420 in 0.16.1); set it false on CPU"
+            )
+        language_model = build_model(cfg.model, vocab_size, tp, layout.device, cfg.parallel.sequence_parallel)
         self.ddp = DistributedDataParallel(
             language_model.config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
             ),
             language_model,
         )
@@ -76,7 +83,7 @@ class PolicyWithTeacher:
                 min_lr=t.min_lr,
                 clip_grad=t.clip_grad,
                 bf16=cfg.model.params_dtype == "bf16",
-                use_distributed_optimizer=False,
+                use_distributed_optimizer=distributed_optimizer,
             ),
             [self.ddp],
         )

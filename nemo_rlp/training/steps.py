@@ -5,18 +5,25 @@ The RLP step, top to bottom (docs/design.md section 1):
      teacher per window scores all its sampled positions (and an optional position filter);
   2. sample G thoughts per context with the current policy, one cached prefill per context shared
      by its G thoughts (`nemo_rlp.rollout.sampler`);
-  3. θ_old's log-probs of the thought tokens and S_pred = log p_θold(x_t | x_<t, c), from
-     `rlp.logprob_source`:
+  3. S_pred = log p_θold(x_t | x_<t, c) comes from the rollout pass, which computes it anyway (one
+     more decoding step per thought); rewards and group-relative advantages are computed from it
+     over whole groups before any microbatch, so a microbatch may hold any rows (whole groups, or
+     `rlp.micro_batch_rows` rows of split groups) and no forward pass is spent on S_pred.
+     θ_old's log-probs of the thought tokens come from `rlp.logprob_source`:
        - `recompute` (default): the training forward's own. With one optimizer step per rollout
          batch (the paper's setting) the first training forward *is* θ_old's, so its values,
          detached, cost nothing and make the first ratio exactly 1; with several minibatches one
-         forward-only pass computes them before the first update. Training and scoring then use
-         the same kernels, so a numerical gap between inference and training kernels (bf16, TE vs
-         the inference path) cannot masquerade as policy change and trip the clip.
+         forward-only pass over the rows of minibatches 2.. computes them before the first update.
+         The ratio then compares training kernels with training kernels, so a numerical gap
+         between inference and training kernels (bf16, TE vs the inference path) cannot
+         masquerade as policy change and trip the clip.
        - `sampler`: the rollout pass's values, which saves that forward when minibatches > 1.
-     Either way the other source is logged as a check (`logp_mismatch_max`, `s_pred_mismatch_max`);
-  4. per minibatch: reward, group-relative advantage and the clipped surrogate on the thought tokens
-     only (`nemo_rlp.training.losses.RLPLoss`), backward, optimizer step, EMA update.
+     The training forward's own values are logged against the rollout's on the first minibatch,
+     in every configuration (`logp_mismatch_max`, `s_pred_mismatch_max`);
+  4. per minibatch: the clipped surrogate on the thought tokens only, one loss path for every
+     configuration (`nemo_rlp.training.losses.RLPLoss`, which calls `objective.thought_losses` and
+     `objective.rlp_metrics`: every configuration logs the same keys), backward, optimizer step,
+     EMA update.
 
 Normalisation. Every microbatch's loss is its summed loss divided by the number of units (RLP
 thoughts, NTP tokens) in the *global* batch, counted over all data-parallel ranks before the
@@ -36,11 +43,12 @@ import torch
 
 from nemo_rlp.config import RLPConfig
 from nemo_rlp.data.sampling import ContextSampler, RLPContext, teacher_scorer
-from nemo_rlp.models.handle import next_token_logprobs, positions_like
+from nemo_rlp.models.handle import labelled_logprobs, next_token_logprobs, positions_like
 from nemo_rlp.parallel.distributed import data_parallel_sum, reduce_metrics
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
-from nemo_rlp.objective import group_advantages, rewards
-from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss, RLPRowLoss
+from nemo_rlp.objective import rewards
+from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss, RLPRows
+from nemo_rlp.training.packing import PackedRows, logits_at, pack_alignment, pack_rows, unpack_logprobs
 from nemo_rlp.training.policy import PolicyWithTeacher
 
 
@@ -49,54 +57,98 @@ from nemo_rlp.training.policy import PolicyWithTeacher
 # ------------------------------------------------------------------------------------------------
 
 
-def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], forward_only: bool = False) -> list:
+def run_schedule(model: PolicyWithTeacher, losses: Sequence[MicrobatchLoss], forward_only: bool = False,
+                 pack: bool = False) -> list:
     """Run megatron's forward-backward schedule over one microbatch per loss; returns what each
-    loss reported (on the last pipeline stage): dicts with `metrics` and `units`."""
+    loss reported (on the last pipeline stage): dicts with `metrics` and `units`.
+
+    `pack`: the rows of a loss that says how long each row is (`row_lengths`) run packed, without
+    padding (`nemo_rlp.training.packing`); the loss still reads log-probs in the padded layout."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    def forward_step(data_iterator, module):
-        loss = next(data_iterator)
-        inputs = loss.tokens[:, :-1]
-        output = module(inputs, positions_like(inputs), None)
-        return output, partial(_loss_func, loss)
+    config = model.language_model.config
+    # Sequence parallelism splits the sequence dimension over tensor-parallel ranks.
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    align = pack_alignment(model.language_model) if pack else 1
+    packs = [
+        pack_rows(loss.tokens, loss.row_lengths, multiple, align=align, scored=getattr(loss, "scored_inputs", None))
+        if pack and getattr(loss, "row_lengths", None) is not None else None
+        for loss in losses
+    ]
+    work = iter(zip(losses, packs))
 
+    def forward_step(data_iterator, module):
+        loss, packed = next(data_iterator)
+        if packed is None:
+            inputs = _pad_columns(loss.tokens[:, :-1], multiple)
+            output = module(inputs, positions_like(inputs), None)
+            output = output[:, : loss.tokens.shape[1] - 1]  # the end padding predicts nothing
+        else:
+            with logits_at(model.language_model, packed.where if packed.selected else None):
+                output = module(packed.input_ids, packed.position_ids, None, packed_seq_params=packed.packed_seq_params())
+        return output, partial(_loss_func, loss, packed)
+
+    # Shapes of the largest microbatch (pipeline stages communicate the actual ones:
+    # variable_seq_lengths); a pack is one sequence of all its rows' tokens.
+    shapes = [(1, p.num_tokens) if p is not None else (l.tokens.shape[0], -(-(l.tokens.shape[1] - 1) // multiple) * multiple)
+              for l, p in zip(losses, packs)]
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(losses),
+        data_iterator=work,
         model=[model.ddp],
         num_microbatches=len(losses),
-        # The largest microbatch (pipeline stages communicate the actual shapes: variable_seq_lengths).
-        seq_length=max(loss.tokens.shape[1] for loss in losses) - 1,
-        micro_batch_size=max(loss.tokens.shape[0] for loss in losses),
+        seq_length=max(s for _, s in shapes),
+        micro_batch_size=max(b for b, _ in shapes),
         forward_only=forward_only,
     )
 
 
-def _loss_func(loss: MicrobatchLoss, output: torch.Tensor):
-    logprobs = next_token_logprobs(output, loss.tokens)
+def _pad_columns(rows: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Right-pad rows [b, s] to a multiple of `multiple` columns (sequence parallelism splits the
+    sequence over TP ranks); the pad follows every real token, so no real token sees it."""
+    extra = -rows.shape[1] % multiple
+    return torch.nn.functional.pad(rows, (0, extra)) if extra else rows
+
+
+def _loss_func(loss: MicrobatchLoss, packed: PackedRows | None, output: torch.Tensor):
+    if packed is None:
+        logprobs = next_token_logprobs(output, loss.tokens)
+    else:
+        shape = (loss.tokens.shape[0], loss.tokens.shape[1] - 1)
+        logprobs = unpack_logprobs(labelled_logprobs(packed.real_tokens(output[0]), packed.labels), packed, shape)
     share, metrics, units = loss(logprobs)
     # Zero tokens: the share is already normalised by the global count (module docstring).
     return share, torch.zeros((), dtype=torch.int), {"metrics": metrics, "units": units}
 
 
 @torch.no_grad()
-def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """θ's log-probs of the thought tokens [R, U] and S_pred [R], forward-only, in training layout."""
+def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int, first_row: int = 0, pack: bool = False):
+    """θ's log-probs of the thought tokens [R, U] and S_pred [R], forward-only, in training layout,
+    for rows first_row.. (earlier rows are left at 0: their forward is θ_old's own)."""
 
     class _Score:
-        def __init__(self, tokens):
+        def __init__(self, tokens, row_lengths):
             self.tokens = tokens
+            self.row_lengths = row_lengths
 
         def __call__(self, logprobs):
-            return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}, 0
+            return logprobs.sum() * 0.0, {"_logprobs": logprobs.detach()}, 0
 
-    outputs = run_schedule(model, [_Score(t) for t in batch.tokens.split(micro_rows)], forward_only=True)
-    if not outputs:  # not the last pipeline stage: only the last one computes losses
-        return None, None
-    logprobs = torch.cat([o["metrics"]["logprobs"] for o in outputs])
     index, _ = batch.thought_token_index()
-    rows = torch.arange(logprobs.shape[0], device=logprobs.device)
-    return logprobs.gather(1, index - 1), logprobs[rows, batch.answer_index - 1]
+    R = batch.tokens.shape[0]
+    logp = torch.zeros(index.shape, dtype=torch.float32, device=index.device)
+    s_pred = torch.zeros(R, dtype=torch.float32, device=index.device)
+    if first_row < R:
+        scored = [_Score(t, n) for t, n in zip(batch.tokens[first_row:].split(micro_rows),
+                                                (batch.answer_index[first_row:] + 1).split(micro_rows))]
+        outputs = run_schedule(model, scored, forward_only=True, pack=pack)
+        if not outputs:  # not the last pipeline stage: only the last one evaluates losses
+            return logp, s_pred
+        logprobs = torch.cat([o["metrics"]["_logprobs"] for o in outputs])
+        rows = torch.arange(first_row, R, device=index.device)
+        logp[first_row:] = logprobs.gather(1, index[first_row:] - 1)
+        s_pred[first_row:] = logprobs[rows - first_row, batch.answer_index[first_row:] - 1]
+    return logp, s_pred
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +243,10 @@ def rlp_step(
 
 def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tensor, cfg: RLPConfig) -> dict[str, float]:
     """Train on rollouts: `cfg.num_minibatches` optimizer steps (each followed by the EMA update),
-    each on an equal share of the contexts, in microbatches of `cfg.micro_batch_contexts`."""
+    each on an equal share of the contexts, in microbatches of `cfg.micro_batch_contexts` whole
+    groups or `cfg.micro_batch_rows` rows. One loss path (`RLPLoss`) for every configuration: the
+    advantages are computed over whole groups first, from the rollout's S_pred, so no microbatch
+    needs a whole group and no forward pass is spent on S_pred."""
     G = batch.group_size
     B = batch.num_contexts
     if B < cfg.num_minibatches:
@@ -200,69 +255,60 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
             f"data-parallel rank; this rank has {B}. Raise rlp.contexts_per_step or lower num_minibatches."
         )
     index, mask = batch.thought_token_index()
-    split_groups = cfg.micro_batch_rows > 0
-    micro_rows = cfg.micro_batch_rows if split_groups else G * (cfg.micro_batch_contexts or B)
-
-    logp_old = s_pred = advantages = row_rewards = None
-    if cfg.logprob_source == "sampler":
-        logp_old, s_pred = batch.behaviour_logprobs, batch.s_pred
-    elif cfg.num_minibatches > 1 or split_groups:
-        logp_old, s_pred = _scores(model, batch, micro_rows)
-    if split_groups and s_pred is not None:
-        # Over whole groups, before any microbatch: then a microbatch may hold any rows.
-        reward = rewards(s_pred.view(B, G), s_ema)
-        advantages, row_rewards = group_advantages(reward).reshape(-1), reward.reshape(-1)
-    logp_ref = None
-    if cfg.kl_beta > 0:
-        with torch.no_grad():
-            logp_ref = model.teacher.token_logprobs(batch.tokens).gather(1, index - 1)
-
+    micro_rows = cfg.micro_batch_rows or G * (cfg.micro_batch_contexts or B)
     # Contiguous, equal shares of the contexts (whole groups) per minibatch.
     context_splits = np.array_split(np.arange(B), cfg.num_minibatches)
     global_thoughts = data_parallel_sum([len(c) * G for c in context_splits])
+
+    s_pred = batch.s_pred
+    logp_old = None  # None: minibatch 0's own forward is θ_old's
+    if cfg.logprob_source == "sampler":
+        logp_old = batch.behaviour_logprobs
+    elif cfg.num_minibatches > 1 or s_pred is None:
+        # θ_old's log-probs for the rows trained after the first update (and S_pred for rows not
+        # built by the sampler): one forward-only pass, the only one `recompute` ever needs.
+        first = len(context_splits[0]) * G if s_pred is not None else 0
+        logp_old, scored_s_pred = _scores(model, batch, micro_rows, first, cfg.pack_rows)
+        s_pred = s_pred if s_pred is not None else scored_s_pred
+    rows = RLPRows.from_groups(s_pred.view(B, G), s_ema)
+    logp_ref = _reference_logprobs(model, batch, index, micro_rows) if cfg.kl_beta > 0 else None
 
     model.policy.train()
     all_metrics: list[dict] = []
     reasons: list[str] = []
     for minibatch, (contexts_m, global_m) in enumerate(zip(context_splits, global_thoughts)):
         # The sampler check compares θ_old's values: only the first minibatch still runs at θ_old.
-        check = minibatch == 0
-        if split_groups:
-            # Any rows: the advantages were computed over whole groups above.
-            first_row, stop_row = int(contexts_m[0]) * G, (int(contexts_m[-1]) + 1) * G
-            losses = [
-                RLPRowLoss(
-                    tokens=batch.tokens[rows], thought_index=index[rows], thought_mask=mask[rows],
-                    advantages=_rows(advantages, rows), rewards=_rows(row_rewards, rows),
-                    logp_old=_rows(logp_old, rows), global_thoughts=int(global_m),
-                    eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                )
-                for rows in _row_slices(first_row, stop_row, micro_rows)
-            ]
-        else:
-            # Whole groups: microbatches of as near equal numbers of contexts as micro_rows allows.
+        at_old = minibatch == 0
+        if cfg.micro_batch_rows:
+            slices = _row_slices(int(contexts_m[0]) * G, (int(contexts_m[-1]) + 1) * G, micro_rows)
+        else:  # whole groups: as near equal numbers of contexts per microbatch as micro_rows allows
             groups = np.array_split(contexts_m, max(1, -(-len(contexts_m) * G // micro_rows)))
-            losses = [
-                RLPLoss(
-                    tokens=batch.tokens[rows], thought_index=index[rows], thought_mask=mask[rows],
-                    answer_index=batch.answer_index[rows], s_ema=s_ema[rows.start // G : rows.stop // G],
-                    group_size=G, global_thoughts=int(global_m), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                    kl_beta=cfg.kl_beta, logp_old=_rows(logp_old, rows), s_pred=_rows(s_pred, rows),
-                    logp_ref=_rows(logp_ref, rows),
-                    sampler_logp=batch.behaviour_logprobs[rows] if check else None,
-                    sampler_s_pred=batch.s_pred[rows] if check else None,
-                )
-                for rows in (slice(int(g[0]) * G, (int(g[-1]) + 1) * G) for g in groups)
-            ]
+            slices = [slice(int(g[0]) * G, (int(g[-1]) + 1) * G) for g in groups]
+        losses = [
+            RLPLoss(
+                tokens=batch.tokens[r], thought_index=index[r], thought_mask=mask[r],
+                answer_index=batch.answer_index[r], rows=rows[r], global_thoughts=int(global_m),
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=cfg.kl_beta,
+                logp_old=None if logp_old is None or (at_old and cfg.logprob_source == "recompute") else logp_old[r],
+                logp_ref=_rows(logp_ref, r),
+                sampler_logp=_rows(batch.behaviour_logprobs, r) if at_old else None,
+                sampler_s_pred=_rows(batch.s_pred, r) if at_old else None,
+            )
+            for r in slices
+        ]
         model.zero_grad()
-        outputs = run_schedule(model, losses)
+        outputs = run_schedule(model, losses, pack=cfg.pack_rows)
         step_metrics = reduce_metrics(outputs)
         result = model.optimizer_step(step_metrics, grad_scale=cfg.grad_scale)
         step_metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
         all_metrics.append(step_metrics)
         if result.skip_reason is not None:
             reasons.append(f"minibatch {minibatch}: {result.skip_reason}" if cfg.num_minibatches > 1 else result.skip_reason)
-    # The last minibatch's optimizer figures; other figures averaged (maxima: the max) over minibatches.
+    return _combine_minibatches(all_metrics, reasons)
+
+
+def _combine_minibatches(all_metrics: list[dict], reasons: list[str]) -> dict[str, float]:
+    """The last minibatch's optimizer figures; other figures averaged (maxima: the max) over minibatches."""
     out = {}
     for key in {k for m in all_metrics for k in m}:
         values = [m[key] for m in all_metrics if key in m]
@@ -272,6 +318,15 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
     if reasons:
         out[SKIP_REASON] = "; ".join(reasons)
     return out
+
+
+@torch.no_grad()
+def _reference_logprobs(model: PolicyWithTeacher, batch: ThoughtBatch, index: torch.Tensor, micro_rows: int):
+    """The EMA teacher's log-probs of the thought tokens [R, U] (the KL anchor), micro_rows rows at a time."""
+    return torch.cat([
+        model.teacher.token_logprobs(tokens).gather(1, idx - 1)
+        for tokens, idx in zip(batch.tokens.split(micro_rows), index.split(micro_rows))
+    ])
 
 
 def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

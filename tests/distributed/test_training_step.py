@@ -6,7 +6,8 @@ sharded; pipeline stages copy their layers from the one-stage model, tests/distr
 and trains on the same global data for three steps, RLP, NTP, RLP. Every rank samples the
 same global rollouts (same weights, same seed), then a data-parallel rank trains on its slice of the
 contexts and NTP rows: evenly (2+2) or unevenly (3+1). The losses, the updated weights and the EMA
-teacher's weights must equal the single-process run's to 1e-5 (fp32).
+teacher's weights must equal the single-process run's to 1e-5 (fp32). RLP rows train packed (the
+default `rlp.pack_rows`); TP=2 also runs with sequence parallelism.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _s_ema(model, prefixes, targets):
     return logprobs[torch.arange(len(rows)), torch.tensor([len(r) for r in rows]) - 2]
 
 
-def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], weights=None) -> dict:
+def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], weights=None, extra=()) -> dict:
     """Three steps on this rank's share: contexts_split[r] contexts and ntp_split[r] NTP rows.
     `weights`: the one-stage model's weights for a pipeline stage to start from."""
     from megatron.core import parallel_state
@@ -62,7 +63,7 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], wei
     from nemo_rlp.training.policy import PolicyWithTeacher
     from nemo_rlp.training.steps import ntp_step, rlp_update
 
-    cfg = load_config([f"model={model_name}", *OVERRIDES])
+    cfg = load_config([f"model={model_name}", *OVERRIDES, *extra])
     tp = parallel_state.get_tensor_model_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     layout = ParallelLayout(world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(),
@@ -71,6 +72,7 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], wei
                             data_parallel=parallel_state.get_data_parallel_world_size(), device=torch.device("cpu"))
     torch.manual_seed(SEED)
     model = PolicyWithTeacher(cfg, VOCAB, layout)
+    assert model.language_model.config.sequence_parallel == cfg.parallel.sequence_parallel
     if weights is not None:
         load_one_stage_weights(model.language_model, weights)
     prefixes, targets, ntp = _global_data()
@@ -105,7 +107,7 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], wei
     }
 
 
-def _worker(model_name: str, layouts: list[tuple[int, int, list[int], list[int]]]) -> dict:
+def _worker(model_name: str, layouts: list[tuple[int, int, list[int], list[int]]], extra=()) -> dict:
     """Train under each (TP, PP, contexts split, NTP split) layout in turn, from the same weights."""
     from megatron.core import parallel_state
 
@@ -125,7 +127,7 @@ def _worker(model_name: str, layouts: list[tuple[int, int, list[int], list[int]]
             torch.manual_seed(SEED)
             weights = one_stage_weights(load_config([f"model={model_name}", *OVERRIDES]).model, VOCAB, tp)
         init(tp, pp)
-        out[(tp, pp, tuple(contexts_split))] = _train(model_name, contexts_split, ntp_split, weights)
+        out[(tp, pp, tuple(contexts_split))] = _train(model_name, contexts_split, ntp_split, weights, extra)
     return out
 
 
@@ -177,3 +179,15 @@ def test_tp2_x_pp2_on_four_processes_equals_one_process(model_name):
     results = run_distributed(_worker, world_size=4, args=(model_name, [(2, 2, [CONTEXTS], [NTP_ROWS])]),
                               timeout=420)
     _assert_same(_merge_stages(results, (2, 2, (CONTEXTS,))), ref, "TP2xPP2")
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt", "tiny_hybrid"])
+def test_sequence_parallel_tp2_equals_one_process(model_name):
+    """parallel.sequence_parallel at TP=2: packed RLP rows (the pack padded to a multiple of TP) and
+    padded NTP rows train as one process does; rollouts run with sequence parallelism off."""
+    ref = _reference(model_name)
+    extra = ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true")
+    results = run_distributed(_worker, world_size=2, args=(model_name, [(2, 1, [CONTEXTS], [NTP_ROWS])], extra),
+                              timeout=300)
+    for rank, result in enumerate(results):
+        _assert_same(result[(2, 1, (CONTEXTS,))], ref, f"TP=2 with sequence parallelism, rank {rank}")

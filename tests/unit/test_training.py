@@ -14,7 +14,7 @@ import torch
 
 from nemo_rlp.config import ConfigError, load_config
 from nemo_rlp.rollout.sampler import SamplingParams, sample_thoughts
-from nemo_rlp.training.losses import RLPLoss
+from nemo_rlp.training.losses import RLPLoss, RLPRows
 from nemo_rlp.training.loop import Trainer
 from nemo_rlp.training.schedule import NTP, RLP, step_kind
 from nemo_rlp.training.steps import rlp_step, run_schedule, sample_contexts
@@ -114,9 +114,9 @@ def _rlp_backward(trainer: Trainer, s_pred_fn) -> dict[str, torch.Tensor]:
                             params, trainer.markers, trainer.generator, trainer.layout.device)
     B, G = len(contexts), cfg.rlp.group_size
     index, mask = batch.thought_token_index()
+    rows = RLPRows.from_groups(s_pred_fn(batch.s_pred.view(B, G)), torch.zeros(B))
     loss = RLPLoss(tokens=batch.tokens, thought_index=index, thought_mask=mask, answer_index=batch.answer_index,
-                   s_ema=torch.zeros(B), group_size=G, global_thoughts=B * G, eps_low=cfg.rlp.eps_low,
-                   eps_high=cfg.rlp.eps_high, s_pred=s_pred_fn(batch.s_pred.view(B, G)).reshape(-1))
+                   rows=rows, global_thoughts=B * G, eps_low=cfg.rlp.eps_low, eps_high=cfg.rlp.eps_high)
     model.policy.train()
     model.zero_grad()
     run_schedule(model, [loss])
@@ -245,6 +245,53 @@ def test_microbatches_that_split_groups_train_like_whole_groups(tmp_path, source
         torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=0, msg=name)
     assert m_split["reward_mean"] == pytest.approx(m_whole["reward_mean"], abs=1e-6)
     assert m_split["loss_pg"] == pytest.approx(m_whole["loss_pg"], abs=1e-6)
+
+
+RLP_METRIC_KEYS = {
+    "loss_pg", "kl", "reward_mean", "reward_std", "reward_group_std", "reward_pos_frac", "adv_std", "clip_frac",
+    "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "thought_len_mean", "s_pred_mean", "s_ema_mean",
+    "logp_mismatch_max", "s_pred_mismatch_max",
+}
+
+
+def test_every_rlp_configuration_logs_the_same_metric_keys(tmp_path):
+    """Whole groups, split groups, several minibatches (both log-prob sources) and the KL anchor:
+    one loss path, so one set of keys, the diagnostics and the sampler check included."""
+    common = FAST + ["trainer.steps=1", "trainer.schedule.ntp_per_cycle=0", "checkpoint.resume=never"]
+    configurations = {
+        "whole groups": [],
+        "split groups": ["rlp.micro_batch_rows=2"],
+        "minibatches": ["rlp.num_minibatches=2", "rlp.micro_batch_contexts=1"],
+        "minibatches, sampler": ["rlp.num_minibatches=2", "rlp.logprob_source=sampler", "rlp.micro_batch_rows=2"],
+        "kl, split groups": ["rlp.kl_beta=0.01", "rlp.micro_batch_rows=2", "trainer.steps=2"],
+    }
+    keys = {}
+    for name, extra in configurations.items():
+        run = Trainer(load_config(common + extra), tmp_path / name.replace(", ", "_").replace(" ", "_"))
+        for _ in range(run.cfg.trainer.steps):  # with KL: a second step, once the teacher lags the policy
+            kind, metrics = run.train_step()
+            assert kind == RLP and metrics["updated"] == 1.0, name
+        keys[name] = {k for k in metrics if k in RLP_METRIC_KEYS or k.startswith(("reward", "s_pred", "s_ema", "kl",
+                                                                                      "clip", "ratio", "adv", "loss"))}
+        if "kl" in name:
+            assert metrics["kl"] > 0.0  # the anchor is on, and the teacher lags the policy after one update
+    for name, found in keys.items():
+        assert found == RLP_METRIC_KEYS, f"{name}: missing {RLP_METRIC_KEYS - found}, extra {found - RLP_METRIC_KEYS}"
+
+
+def test_split_groups_need_no_extra_forward(tmp_path, monkeypatch):
+    """Split groups with one minibatch: advantages from the rollout's S_pred, no scoring pass, and
+    the first (only) update's ratio is exactly 1."""
+    import nemo_rlp.training.steps as steps
+
+    calls = []
+    monkeypatch.setattr(steps, "_scores", lambda *a, **k: calls.append(a) or pytest.fail("extra forward"))
+    cfg = load_config(FAST + ["trainer.steps=1", "trainer.schedule.ntp_per_cycle=0", "rlp.micro_batch_rows=2",
+                              "checkpoint.resume=never"])
+    kind, metrics = Trainer(cfg, tmp_path).train_step()
+    assert kind == RLP and not calls
+    assert metrics["ratio_max"] == 1.0 and metrics["clip_frac"] == 0.0
+    assert metrics["s_pred_mismatch_max"] < 1e-4
 
 
 def test_chunked_rollouts_scoring_and_row_microbatches_run(tmp_path):
