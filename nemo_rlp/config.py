@@ -232,10 +232,16 @@ class CheckpointConfig:
     dir: Optional[str] = None
     every_steps: int = 100  # 0: only at the end of the run and on a preemption signal
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a save
+    # Steps whose checkpoints are saved (whatever `every_steps` says) and never deleted by
+    # `keep_last` (nor counted in it): branch points such as the end of the NTP warm-up, where a
+    # baseline starts with `checkpoint.resume=<that step's directory>`. A step the run never reaches
+    # (0, or beyond trainer.steps) keeps nothing.
+    keep_steps: list[int] = field(default_factory=list)
     # auto: continue from the newest checkpoint in `dir` that passes its integrity check; never:
     # start fresh (the directory's checkpoints are moved to `dir`/superseded-<time>/); PATH: start
-    # from that checkpoint (a step_XXXXXXX directory, always; a directory of them: its newest, unless
-    # `dir` already holds checkpoints of this run, as after a requeue).
+    # from that checkpoint (one checkpoint directory, always, whatever its name: a step_XXXXXXX
+    # directory or a renamed copy; a directory of step_XXXXXXX ones: its newest, unless `dir`
+    # already holds checkpoints of this run, as after a requeue).
     resume: str = "auto"
     # Start the policy from these weights when there is nothing to resume from: the output of
     # recipes/import_checkpoint.py, or any training checkpoint (its policy only; the optimizer,
@@ -539,6 +545,8 @@ def validate(cfg: RunConfig) -> None:
         _fail("checkpoint.every_steps", c.every_steps, "an integer >= 0 (0: only at the end and on a signal)")
     if c.keep_last < 1:
         _fail("checkpoint.keep_last", c.keep_last, "an integer >= 1")
+    if any(step < 0 for step in c.keep_steps):
+        _fail("checkpoint.keep_steps", c.keep_steps, "a list of steps >= 0 (e.g. [2000]; [] keeps none)")
     if not c.save_timeout_s > 0:
         _fail("checkpoint.save_timeout_s", c.save_timeout_s, "a number of seconds > 0")
     if c.dir is not None and not str(c.dir).strip():

@@ -16,12 +16,15 @@ the schema check; this names the nearest valid key instead.
 from __future__ import annotations
 
 import difflib
+import logging
 import tempfile
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from nemo_rlp.config import CONF_DIR, ConfigError, RunConfig
+
+log = logging.getLogger("nemo_rlp")
 
 
 @dataclass
@@ -52,7 +55,13 @@ def check_writable(directory: Path, key: str) -> list[Path]:
 
 def load_inputs(cfg: RunConfig) -> RunInputs:
     """Load the tokenizer, the corpus and (if enabled) the held-out set; a problem raises
-    `ConfigError` naming the key, the file and the line or byte."""
+    `ConfigError` naming the key, the file and the line or byte.
+
+    A file without marks is the first thing a user's own corpus meets (the defaults think at the
+    bundled corpus's marked answers and evaluate on its held-out worksheets): its error names the
+    override that fits the file's role, `data.rlp_positions=uniform` for the corpus, `eval=none` or
+    `eval.corpus` for the held-out set."""
+    from nemo_rlp.data.marked import NoMarkedPositions
     from nemo_rlp.data.sources import load_documents
     from nemo_rlp.data.tokenizer import load_tokenizer
     from nemo_rlp.training.evaluate import load_heldout
@@ -67,12 +76,29 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
         raise failed("data.tokenizer", error) from None
     try:
         documents = load_documents(cfg.data, tokenizer)
+    except NoMarkedPositions as error:
+        raise ConfigError(
+            f"data.corpus: {error.path}: no document marks a position (key {error.positions_key!r}), and "
+            "data.rlp_positions=marked thinks at marked positions only. For a corpus without marks pass "
+            "data.rlp_positions=uniform (RLP at any position, the paper's setting); if the corpus marks its "
+            "positions under another key, set data.positions_key to it"
+        ) from None
     except (OSError, ValueError, IndexError, KeyError) as error:
         raise failed("data.blend" if cfg.data.blend else "data.corpus", error) from None
     positions = None
     if cfg.eval.enabled:
+        if cfg.eval.corpus is None and (cfg.data.corpus is not None or cfg.data.blend):
+            log.warning("eval.corpus is null: the held-out evaluation scores the bundled worksheets "
+                        "(nemo_rlp/data/assets/tiny_heldout.jsonl), not held-out text of data.corpus; pass "
+                        "eval.corpus=<a JSONL file that marks its answers> or eval=none")
         try:
             positions = load_heldout(cfg.eval, cfg.data, tokenizer)
+        except NoMarkedPositions as error:
+            raise ConfigError(
+                f"eval.corpus: {error.path}: no document marks a position (key {error.positions_key!r}); the "
+                "held-out evaluation scores marked answers only. Pass eval=none, or eval.corpus=<a JSONL file "
+                "whose lines mark their answers under data.positions_key>"
+            ) from None
         except (OSError, ValueError, IndexError, KeyError) as error:
             raise failed("eval.corpus", error) from None
     return RunInputs(tokenizer, documents, positions)

@@ -25,11 +25,24 @@ from pathlib import Path
 from nemo_rlp.data.sources import MIN_TOKENS, iter_jsonl_records
 from nemo_rlp.data.tokenizer import Tokenizer
 
-__all__ = ["MarkedDocuments", "char_to_token_positions", "load_marked_jsonl"]
+__all__ = ["MarkedDocuments", "NoMarkedPositions", "char_to_token_positions", "load_marked_jsonl"]
 
 logger = logging.getLogger(__name__)
 
 _ENCODE_CHUNK = 4096
+
+
+class NoMarkedPositions(ValueError):
+    """A file read for its marks has none: the usual case of a user's own corpus. Its own class so
+    that the caller can name the fix that fits the file's role (`nemo_rlp.preflight`): the training
+    corpus wants ``data.rlp_positions=uniform``, the held-out set ``eval=none`` or another file."""
+
+    def __init__(self, path: Path, positions_key: str) -> None:
+        self.path, self.positions_key = path, positions_key
+        super().__init__(
+            f"{path}: no document marks a position (key {positions_key!r}). Add character offsets under that "
+            "key, or set data.positions_key to the key that holds them."
+        )
 
 
 class MarkedDocuments(Sequence[list[int]]):
@@ -70,7 +83,7 @@ def load_marked_jsonl(
 
     Every document is kept (a document shorter than 2 tokens is dropped with its marks, counted and
     logged); a mark at token 0 has no context and is an error, as are marks that are not offsets into
-    the text. ValueError (file, line, fix) for malformed marks, and when no document has a mark.
+    the text. ValueError (file, line, fix) for malformed marks; :class:`NoMarkedPositions` when no document has a mark.
     """
     path = Path(path)
     texts: list[str] = []
@@ -117,9 +130,6 @@ def load_marked_jsonl(
         logger.warning("%s: skipped %d of %d documents shorter than %d tokens", path, dropped, len(texts), MIN_TOKENS)
     out = MarkedDocuments(documents, marks, tasks)
     if out.num_marks == 0:
-        raise ValueError(
-            f"{path}: no document marks a position (key {positions_key!r}). Add character offsets under that "
-            "key, or set data.positions_key to the key that holds them."
-        )
+        raise NoMarkedPositions(path, positions_key)
     logger.info("%s: %d documents, %d marked positions", path, len(out), out.num_marks)
     return out

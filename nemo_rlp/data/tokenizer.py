@@ -205,3 +205,52 @@ def load_tokenizer(data_cfg, rlp_cfg) -> "Tokenizer":
         eod=data_cfg.eod_token,
         pad=data_cfg.pad_token or data_cfg.eod_token,
     )
+
+
+def train_corpus_tokenizer(
+    paths: Sequence[str | os.PathLike[str]],
+    vocab_size: int = 4096,
+    fmt: str = "jsonl",
+    text_key: str = "text",
+    think_start: str = Tokenizer.THINK_START,
+    think_end: str = Tokenizer.THINK_END,
+    eod: str = Tokenizer.EOD,
+    pad: str = Tokenizer.PAD,
+) -> tuple[Tokenizer, int]:
+    """A byte-level BPE tokenizer (:func:`train_byte_level_bpe`) trained on a user's corpus, with the
+    markers the trainer will look up as special tokens; returns it, checked as a run checks it, and
+    the number of documents read.
+
+    This is what ``recipes/build_tokenizer.py`` runs: the bundled tokenizer knows only the bundled
+    worksheets, and a tokenizer made elsewhere rarely has ``<think>`` and ``</think>`` as single ids.
+    The special tokens come first, in the bundled order (pad, end of document, ``<think>``,
+    ``</think>``; a pad equal to the end-of-document marker is one token). ``paths`` are read
+    streaming in ``fmt`` (``jsonl``: the ``text_key`` string of each line; ``text``: each non-blank
+    line), with :func:`nemo_rlp.data.sources.iter_texts`'s errors: a missing file, an empty one, a
+    line without ``text_key`` each name the file and the fix. An indexed dataset is already token
+    ids: its tokenizer is the one it was made with.
+    """
+    from nemo_rlp.data.sources import iter_texts  # sources imports this module
+
+    if fmt not in ("jsonl", "text"):
+        raise ValueError(
+            f"format {fmt!r}: a tokenizer is trained on text, 'jsonl' or 'text'; an indexed dataset is already "
+            "tokenized, so build the tokenizer from the JSONL or text files it was made from"
+        )
+    if not paths:
+        raise ValueError("no corpus file given")
+    specials = list(dict.fromkeys([pad, eod, think_start, think_end]))
+    documents = 0
+
+    def texts():
+        nonlocal documents
+        for path in paths:
+            for text in iter_texts(path, fmt, text_key):
+                documents += 1
+                yield text
+
+    hf = train_byte_level_bpe(texts(), vocab_size=vocab_size, special_tokens=specials)
+    source = ", ".join(str(p) for p in paths)
+    tokenizer = Tokenizer(hf, think_start=think_start, think_end=think_end, eod=eod, pad=pad,
+                          source=f"<trained on {source}>")
+    return tokenizer, documents

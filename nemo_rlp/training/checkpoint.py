@@ -34,11 +34,16 @@ seeds derived from the step, with a warning.
 `resume: auto` picks the newest checkpoint of `checkpoint.dir` that passes its integrity check
 against the manifest (`checkpoint_integrity.newest_loadable`): a damaged newer one is renamed
 `.damaged` with a loud warning, and the previous one is used. `resume: PATH` starts from PATH when it
-is one checkpoint (a step directory) or this run's own checkpoint directory; PATH a directory of
+is one checkpoint (a step directory, or a copy of one under any name, e.g. `warmup_end/`: its step is
+the one its `complete.json` names) or this run's own checkpoint directory; PATH a directory of
 *another* run's checkpoints is where a new run starts, so a requeued run (same command) continues from
 its own checkpoints instead. Starting from a checkpoint older than this run's newest (or
 `resume: never` in a directory with checkpoints) starts another history: the newer checkpoints are
 moved to `superseded-<time>/` under the checkpoint directory, out of every later resume's way.
+
+Keep-last-k (`checkpoint.keep_last`) deletes old `step_XXXXXXX` directories only, never those of
+`checkpoint.keep_steps` (saved at those steps whatever `every_steps` says; by default the end of the
+NTP warm-up, where a baseline branches off) nor a checkpoint copied under another name.
 
 One run, one directory. So that rerunning the same command finds its checkpoints *and* its history
 (`metrics.jsonl`, the report), the default output directory does not depend on the Hydra run
@@ -68,6 +73,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import numpy as np
@@ -108,19 +114,37 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def checkpoint_step(path: Path) -> Optional[int]:
-    """The step of a *complete* checkpoint directory, else None (a `.tmp`, a directory without
-    its marker, or a marker that does not name this step)."""
+def marker_step(path: Path) -> Optional[int]:
+    """The step that the marker of the complete checkpoint at `path` names, whatever the directory
+    is called (a copy renamed `warmup_end/` is still the checkpoint of its step); None without a
+    readable marker, or when a `step_XXXXXXX` name and its marker disagree."""
     path = Path(path)
-    match = _STEP_DIR.match(path.name)
-    if match is None or not path.is_dir():
+    if not path.is_dir():
         return None
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    step = int(match[1])
-    return step if isinstance(marker, dict) and marker.get("step") == step else None
+    step = marker.get("step") if isinstance(marker, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    match = _STEP_DIR.match(path.name)
+    return step if match is None or int(match[1]) == step else None
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step of a *complete* checkpoint directory named `step_XXXXXXX`, else None (a `.tmp`, a
+    directory without its marker, a marker that does not name this step, or another name: the
+    directories a checkpoint folder's listing and keep-last-k consider)."""
+    return marker_step(path) if _STEP_DIR.match(Path(path).name) else None
+
+
+def is_one_checkpoint(path: Path) -> bool:
+    """Whether `path` is meant as one checkpoint (complete or not) rather than a folder of them: a
+    `step_XXXXXXX` name, a completion marker, or the `dist/` tensors. A folder of checkpoints has
+    none of them at its top."""
+    path = Path(path)
+    return bool(_STEP_DIR.match(path.name)) or (path / MARKER).exists() or (path / DIST_DIR).is_dir()
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -139,22 +163,27 @@ def find_latest(root: Path) -> Optional[Path]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a complete checkpoint, else the latest complete one in it."""
+    """`path` itself if it is a complete checkpoint (whatever its name), else the latest complete
+    one in it."""
     path = Path(path)
-    if checkpoint_step(path) is not None:
+    if marker_step(path) is not None:
         return path
     latest = find_latest(path)
     if latest is None:
         raise ConfigError(
             f"checkpoint.resume={str(path)!r} is not allowed: it is neither a complete checkpoint (a "
-            f"step_XXXXXXX directory with {MARKER}) nor a directory holding one"
+            f"directory with {MARKER}, e.g. step_XXXXXXX) nor a directory holding step_XXXXXXX checkpoints"
         )
     return latest
 
 
-def keep_last(root: Path, k: int) -> list[Path]:
-    """Delete all but the newest `k` complete checkpoints under `root`; returns those deleted."""
-    doomed = [p for _, p in complete_checkpoints(root)[:-k]] if k > 0 else []
+def keep_last(root: Path, k: int, keep_steps: Iterable[int] = ()) -> list[Path]:
+    """Delete all but the newest `k` complete checkpoints under `root`, never those of `keep_steps`
+    (`checkpoint.keep_steps`: neither deleted nor counted among the `k`); returns those deleted.
+    Only `step_XXXXXXX` directories are considered: a checkpoint copied under another name stays."""
+    keep = set(keep_steps)
+    prunable = [p for s, p in complete_checkpoints(root) if s not in keep]
+    doomed = prunable[:-k] if k > 0 else []
     for path in doomed:
         _remove_tree(path)
     return doomed
@@ -376,15 +405,16 @@ class Checkpointer:
         if resume == "auto":
             return integrity.newest_loadable(self.directory)
         requested = Path(resume).absolute()
-        if _STEP_DIR.match(requested.name):  # one checkpoint, named exactly: honoured as it is
+        if is_one_checkpoint(requested):  # one checkpoint, whatever its name: honoured as it is
             found = integrity.problem(requested)
             if found:
                 raise ConfigError(
                     f"checkpoint.resume={resume!r} cannot be resumed from: {found}. Pick another checkpoint "
-                    f"(checkpoint.resume=<its step directory>) or checkpoint.resume=auto for the newest that loads"
+                    f"(checkpoint.resume=<its directory>) or checkpoint.resume=auto for the newest that loads"
                 )
             if requested.parent.resolve() == self.directory.resolve():
-                self._supersede_after(int(_STEP_DIR.match(requested.name)[1]), f"checkpoint.resume={resume}")
+                # The step is the marker's (checked by `problem`), not the name's: a renamed copy too.
+                self._supersede_after(marker_step(requested), f"checkpoint.resume={resume}")
             return requested
         own = integrity.newest_loadable(self.directory)
         if own is not None and requested.resolve() != self.directory.resolve():
@@ -517,7 +547,7 @@ class Checkpointer:
                 _remove_tree(final)
             os.replace(tmp, final)
             _fsync_dir(self.directory)
-            deleted = keep_last(self.directory, self.cfg.checkpoint.keep_last)
+            deleted = keep_last(self.directory, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_steps)
             log.info(
                 "checkpoint: step %d saved to %s in %.1f s%s", marker["step"], final, time.perf_counter() - start,
                 f" (deleted {', '.join(p.name for p in deleted)})" if deleted else "",

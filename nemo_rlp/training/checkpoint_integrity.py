@@ -87,8 +87,10 @@ def problem(path: Path) -> Optional[str]:
         return f"{MARKER} is missing"
     except (OSError, ValueError) as error:
         return f"{MARKER} is not valid JSON ({str(error)[:80]})"
-    if not isinstance(marker, dict) or (match and marker.get("step") != int(match[1])):
-        return f"{MARKER} does not name step {int(match[1]) if match else '?'}: {str(marker)[:80]}"
+    step = marker.get("step") if isinstance(marker, dict) else None
+    # Any directory name resumes (a renamed copy): then the marker alone says which step it is.
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or (match and step != int(match[1])):
+        return f"{MARKER} does not name step {int(match[1]) if match else '(a step number)'}: {str(marker)[:80]}"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]

@@ -3,11 +3,11 @@
 Data flows one way: documents → contexts → rollouts → rewards → loss → optimizer → EMA.
 
 Failure handling. The trainer resumes from a checkpoint when `checkpoint.resume` finds one
-(`nemo_rlp.training.checkpoint`), saves every `checkpoint.every_steps` steps and at the end, and on a
-preemption signal saves at the next step boundary and returns with `summary.preempted` set (the entry
-point then exits with the requeue status, `nemo_rlp.training.preemption`). A step whose loss, rewards
-or gradients are not finite makes no update; `trainer.max_consecutive_skips` such steps in a row stop
-the run with `TrainingHalted`.
+(`nemo_rlp.training.checkpoint`), saves every `checkpoint.every_steps` steps, at the steps of
+`checkpoint.keep_steps` and at the end, and on a preemption signal saves at the next step boundary and
+returns with `summary.preempted` set (the entry point then exits with the requeue status,
+`nemo_rlp.training.preemption`). A step whose loss, rewards or gradients are not finite makes no
+update; `trainer.max_consecutive_skips` such steps in a row stop the run with `TrainingHalted`.
 """
 
 from __future__ import annotations
@@ -261,6 +261,7 @@ class Trainer:
         else:
             log.info("training: steps %d..%d, writing to %s", self.step + 1, cfg.trainer.steps, self.output_dir)
         every = cfg.checkpoint.every_steps
+        keep_steps = set(cfg.checkpoint.keep_steps)  # saved whatever `every` says (and never pruned)
         try:
             with PreemptionHandler(cfg.checkpoint.signals) as preemption:
                 while self.step < cfg.trainer.steps:
@@ -275,7 +276,7 @@ class Trainer:
                     if cfg.eval.after_warmup and self.step == warmup and self.step < cfg.trainer.steps:
                         self.evaluate("after_warmup")
                     self.checkpointer.poll()
-                    if every and self.step % every == 0:
+                    if (every and self.step % every == 0) or self.step in keep_steps:
                         self.save()
                 # Once per final step: a rerun of a finished run keeps it; a longer run redoes it.
                 if not self.summary.preempted and self.summary.evaluations.get("final", {}).get("step") != self.step:
