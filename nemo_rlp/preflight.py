@@ -16,15 +16,12 @@ the schema check; this names the nearest valid key instead.
 from __future__ import annotations
 
 import difflib
-import logging
 import tempfile
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from nemo_rlp.config import CONF_DIR, ConfigError, RunConfig
-
-log = logging.getLogger("nemo_rlp")
 
 
 @dataclass
@@ -87,10 +84,6 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
         raise failed("data.blend" if cfg.data.blend else "data.corpus", error) from None
     positions = None
     if cfg.eval.enabled:
-        if cfg.eval.corpus is None and (cfg.data.corpus is not None or cfg.data.blend):
-            log.warning("eval.corpus is null: the held-out evaluation scores the bundled worksheets "
-                        "(nemo_rlp/data/assets/tiny_heldout.jsonl), not held-out text of data.corpus; pass "
-                        "eval.corpus=<a JSONL file that marks its answers> or eval=none")
         try:
             positions = load_heldout(cfg.eval, cfg.data, tokenizer)
         except NoMarkedPositions as error:
