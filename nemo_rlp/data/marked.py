@@ -83,7 +83,8 @@ def load_marked_jsonl(
 
     Every document is kept (a document shorter than 2 tokens is dropped with its marks, counted and
     logged); a mark at token 0 has no context and is an error, as are marks that are not offsets into
-    the text. ValueError (file, line, fix) for malformed marks; :class:`NoMarkedPositions` when no document has a mark.
+    the text. ValueError (file, line, fix) for malformed marks; :class:`NoMarkedPositions` (a
+    ValueError) when no document has a mark.
     """
     path = Path(path)
     texts: list[str] = []

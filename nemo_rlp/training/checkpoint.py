@@ -72,8 +72,8 @@ import random
 import re
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
