@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if output.exists() and not args.overwrite:
             raise ValueError(f"{output} exists; pass --overwrite to replace it")
-        if output.parent and not output.parent.is_dir():
+        if not output.parent.is_dir():
             raise ValueError(f"the directory of --output {output} does not exist; create it first")
         tokenizer, documents = train_corpus_tokenizer(
             args.input, vocab_size=args.vocab_size, fmt=args.format, text_key=args.text_key,
