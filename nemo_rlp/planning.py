@@ -25,7 +25,7 @@ Static (held the whole run; `nemo_rlp.training.policy`):
 
 Phases (transient; the peak is static + the largest phase + `reserve_gib` for the CUDA context, NCCL
 buffers, Transformer Engine workspaces and allocator fragmentation):
-1. teacher scoring (S_ema; `nemo_rlp.data.sampling.teacher_scorer`, all windows of a rank in one
+1. teacher scoring (S_ema; `nemo_rlp.training.steps.teacher_scorer`, all windows of a rank in one
    forward): ceil(b / `data.positions_per_document`) windows of c + 1 tokens through the fp32
    teacher; its logits [rows, c+1, V/TP] fp32 plus the transposed copy the log-prob takes (8 bytes per
    entry), and one layer's fp32 working set (the inference working set below, doubled).
