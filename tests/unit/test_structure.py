@@ -52,11 +52,23 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
+def packages_above(name: str) -> set[str]:
+    """`a.b.c` -> {`a`, `a.b`}: the packages whose `__init__` runs before `a.b.c` is imported."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
 def import_graph() -> dict[str, set[str]]:
-    """{module: the package modules it imports}."""
+    """{module: the package modules it imports}. Importing `a.b.c` also runs the `__init__` of `a.b`,
+    so that counts too, except for the importer's own packages (already being imported)."""
     mods = modules()
     known = set(mods)
-    return {name: imported_modules(name, path, known) for name, path in mods.items()}
+    graph = {}
+    for name, path in mods.items():
+        targets = imported_modules(name, path, known)
+        own = packages_above(name) | {name}
+        graph[name] = targets | {p for t in targets for p in packages_above(t) if p in known and p not in own}
+    return graph
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -105,6 +117,7 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
     assert find_cycle(graph) == ["nemo_rlp.sub.a", "nemo_rlp.sub.b", "nemo_rlp.sub.a"]
     graph["nemo_rlp.sub.b"] = set()
     assert find_cycle(graph) is None
+    assert packages_above("nemo_rlp.sub.a") == {"nemo_rlp", "nemo_rlp.sub"}
 
 
 def test_no_import_cycle_in_the_package():
