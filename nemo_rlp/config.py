@@ -1,4 +1,4 @@
-"""The run configuration: typed dataclasses, composed by Hydra from `conf/`, validated before any work.
+"""The run configuration: typed dataclasses, composed by Hydra from `nemo_rlp/conf/`, validated before any work.
 
 Config is data. Every module receives the piece of this tree it needs; none reads the environment or
 globals behind the config's back. `load_config` is the one way a run gets its config (the Hydra entry
@@ -19,7 +19,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -292,7 +292,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> RunConfig:
-    """Compose `conf/<config_name>.yaml` with command-line style overrides, then validate."""
+    """Compose `nemo_rlp/conf/<config_name>.yaml` with command-line style overrides, then validate."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
