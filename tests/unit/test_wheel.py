@@ -41,7 +41,8 @@ def _dependency_paths() -> list[str]:
     return sorted(p for p in paths if Path(p).is_dir() and not Path(p).resolve().is_relative_to(REPO))
 
 
-@pytest.mark.timeout(240)  # about 40 s alone on 2 cores (build 3 s, venv 5 s, the run the rest)
+# 40-60 s alone on 2 cores (build 3 s, venv 5 s, the run and the plan the rest); far more on a busy machine.
+@pytest.mark.timeout(900)
 def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path, experiment_data: list[str]) -> None:
     pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools (the test extra)")
     # No PYTHONPATH: a checkout on it would let pip and Python find the source instead of the wheel.
@@ -74,10 +75,10 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path, experime
     out = elsewhere / "run"
     overrides = [*TINY_RUN, "trainer.steps=4", "trainer.schedule.ntp_warmup_steps=2", f"logging.output_dir={out}",
                  "checkpoint.resume=never"]
-    proc = _run([python, "-m", "nemo_rlp.train", *overrides], cwd=elsewhere, env=env, timeout=200)
+    proc = _run([python, "-m", "nemo_rlp.train", *overrides], cwd=elsewhere, env=env, timeout=500)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["ntp", "ntp", "ntp", "rlp"], proc.stderr[-2000:]
     # The experiments are package data too: the planner composes one from the installed copy.
     plan = _run([python, "-m", "nemo_rlp.plan", "rlp_qwen3_1p7b", "--nodes", "8", *experiment_data],
-                cwd=elsewhere, env=env, timeout=120)
+                cwd=elsewhere, env=env, timeout=300)
     assert "FLOP" in plan.stdout
