@@ -44,6 +44,7 @@ def _wandb_records(path: Path):
             yield record
 
 
+@pytest.mark.timeout(600)  # a tiny run and W&B's own service process; about 40 s on a quiet machine
 def test_offline_wandb_run_holds_the_logged_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL"):
