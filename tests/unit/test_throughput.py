@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from nemo_rlp.config import ConfigError, load_config
-from nemo_rlp.planning import extra_forward_tokens, model_flops, rollout_tokens
+from nemo_rlp.models import padded_vocab_size
+from nemo_rlp.planning import count_parameters, extra_forward_tokens, model_flops, rollout_tokens
 from nemo_rlp.training.loop import Trainer
 from nemo_rlp.training.metrics import throughput
 
@@ -49,7 +50,12 @@ def test_tiny_run_logs_throughput_and_mfu_with_a_peak(tmp_path, caplog):
 
 
 def test_no_peak_no_mfu(tmp_path):
-    Trainer(load_config(SHORT), tmp_path).train()
+    cfg = load_config(SHORT)
+    trainer = Trainer(cfg, tmp_path)
+    # N from the live model is the plan's N (one process: the whole model).
+    vocab = padded_vocab_size(cfg.model, trainer.tokenizer.vocab_size, 1)
+    assert trainer.matmul_parameters == count_parameters(cfg.model, vocab).matmul
+    trainer.train()
     records = _records(tmp_path)
     assert all("mfu" not in r and r["tflops_per_device"] > 0 for r in records)
     assert records[-1]["thought_tokens_per_s"] > 0 and records[0]["tokens_per_s"] > 0
