@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nemo_rlp.config import ConfigError, to_run_config
+from nemo_rlp.config import ConfigError, check_overrides, to_run_config
 
 log = logging.getLogger("nemo_rlp")
 
@@ -38,7 +38,7 @@ def _config_error(err: ConfigError) -> None:
     sys.exit(2)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     from nemo_rlp.preflight import preflight
     from nemo_rlp.run_dirs import checkpoint_dir, default_output_dir
@@ -78,8 +78,6 @@ def main(cfg: DictConfig) -> None:
 
 def check_command_line() -> None:
     """Unknown keys, before Hydra sees them (it would exit 1 advising `+key`)."""
-    from nemo_rlp.preflight import check_overrides
-
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as err:
