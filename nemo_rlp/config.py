@@ -19,6 +19,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_rlp.models.spec import architecture_names, get_architecture
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -28,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A megatron-core model. `arch` picks the provider in `nemo_rlp.models`."""
+    """A megatron-core model. `arch` names a registered architecture (`nemo_rlp.models.spec`)."""
 
     name: str = "tiny_gpt"
     arch: str = "gpt"
@@ -317,33 +319,14 @@ def validate(cfg: RunConfig) -> None:
     tokenizer live with the code that knows them (`nemo_rlp.parallel`, `nemo_rlp.models`)."""
     m, d, r, t, p = cfg.model, cfg.data, cfg.rlp, cfg.trainer, cfg.parallel
 
-    if m.arch not in ("gpt", "hybrid"):
-        _fail("model.arch", m.arch, "one of 'gpt', 'hybrid'")
+    if m.arch not in architecture_names():
+        names = ", ".join(map(repr, architecture_names()))
+        _fail("model.arch", m.arch, f"one of the registered architectures (nemo_rlp.models.spec): {names}")
     if not m.layernorm_epsilon > 0:
         _fail("model.layernorm_epsilon", m.layernorm_epsilon, "a float > 0")
-    mamba_heads = None
-    if m.arch == "hybrid":
-        pattern = m.hybrid_override_pattern
-        if not pattern or set(pattern) - set("M*-"):
-            _fail(
-                "model.hybrid_override_pattern",
-                pattern,
-                "a string of 'M' (Mamba), '*' (attention) and '-' (MLP), one symbol per layer",
-            )
-        if len(pattern) != m.num_layers:
-            _fail("model.hybrid_override_pattern", pattern, f"one symbol per layer: {m.num_layers} (model.num_layers)")
-        for key in ("mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_chunk_size"):
-            if getattr(m, key) < 1:
-                _fail(f"model.{key}", getattr(m, key), "an integer >= 1")
-        if m.mamba_num_heads is not None and m.mamba_num_heads < 1:
-            _fail("model.mamba_num_heads", m.mamba_num_heads, "null (2 * hidden_size / mamba_head_dim) or >= 1")
-        if m.mamba_num_heads is None and (2 * m.hidden_size) % m.mamba_head_dim:
-            _fail("model.mamba_head_dim", m.mamba_head_dim, f"a divisor of 2 * model.hidden_size={2 * m.hidden_size}")
-        mamba_heads = m.mamba_num_heads or 2 * m.hidden_size // m.mamba_head_dim
-        if mamba_heads % m.mamba_num_groups:
-            _fail("model.mamba_num_groups", m.mamba_num_groups, f"a divisor of the Mamba head count {mamba_heads}")
-    elif m.hybrid_override_pattern is not None:
-        _fail("model.hybrid_override_pattern", m.hybrid_override_pattern, "null unless model.arch='hybrid'")
+    # The keys only this architecture reads are its own to check (nemo_rlp.models.spec); it returns the
+    # counts the tensor-parallel size must divide (the hybrid family: Mamba heads and groups).
+    tp_divides = get_architecture(m.arch).validate(m, _fail)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
         if getattr(m, key) < 1:
             _fail(f"model.{key}", getattr(m, key), "an integer >= 1")
@@ -520,14 +503,13 @@ def validate(cfg: RunConfig) -> None:
             p.tensor_model_parallel_size,
             f"a divisor of model.num_attention_heads={m.num_attention_heads}",
         )
-    if mamba_heads is not None:
-        for key, count in (("mamba_num_heads", mamba_heads), ("mamba_num_groups", m.mamba_num_groups)):
-            if count % p.tensor_model_parallel_size:
-                _fail(
-                    "parallel.tensor_model_parallel_size",
-                    p.tensor_model_parallel_size,
-                    f"a divisor of model.{key}={count}",
-                )
+    for key, count in tp_divides.items():
+        if count % p.tensor_model_parallel_size:
+            _fail(
+                "parallel.tensor_model_parallel_size",
+                p.tensor_model_parallel_size,
+                f"a divisor of model.{key}={count}",
+            )
 
     if cfg.logging.log_every < 1:
         _fail("logging.log_every", cfg.logging.log_every, "an integer >= 1")

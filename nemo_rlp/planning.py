@@ -92,6 +92,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nemo_rlp.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+from nemo_rlp.models.spec import get_architecture
 
 GiB = float(2**30)
 
@@ -156,7 +157,9 @@ class ParameterCounts:
 
 
 def layer_kinds(m: ModelConfig) -> str:
-    return m.hybrid_override_pattern if m.arch == "hybrid" else "T" * m.num_layers
+    """One symbol per layer ('T' transformer, '*' attention, '-' MLP, 'M' Mamba): the architecture's
+    declaration (`ArchitectureSpec.layer_kinds`, nemo_rlp.models.spec)."""
+    return get_architecture(m.arch).layer_kinds(m)
 
 
 def count_parameters(m: ModelConfig, vocab_size: int) -> ParameterCounts:
@@ -420,8 +423,8 @@ def make_plan(
     G, L, c = r.group_size, r.max_thought_len, d.max_context
     V = counts.vocab_size
     dims = _dims(m)
-    kinds = layer_kinds(m)
-    per_stage = len(kinds) // pp
+    # The layer kinds of each pipeline stage, as the architecture splits them (nemo_rlp.models.spec).
+    stage_layer_kinds = get_architecture(m.arch).stages(m, pp)
     w_bytes = 2 if m.params_dtype == "bf16" else 4
     tied = m.share_embeddings_and_output_weights
 
@@ -442,7 +445,7 @@ def make_plan(
 
     stages = []
     for s in range(pp):
-        stage_kinds = kinds[s * per_stage : (s + 1) * per_stage]
+        stage_kinds = stage_layer_kinds[s]
         last = s == pp - 1
         n_attn = sum(k in "*T" for k in stage_kinds)
         n_mamba = stage_kinds.count("M")
@@ -817,7 +820,7 @@ def plan_step_time(plan: Plan, accelerator: str, thoughts: str = "full", host_wo
     context_lens, thought_lens = _rollout_lengths(cfg, b, thoughts)
     sched = replay_step(r.rollout_mode, context_lens, thought_lens, G, L, chunk)
     ideal = replay_step("rows", context_lens, thought_lens, G, L, chunk)
-    host_work = host_work or measure_host_work("hybrid" if m.arch == "hybrid" else "gpt", r.rollout_mode)
+    host_work = host_work or measure_host_work(m.arch, r.rollout_mode)
     kinds, dims, w = layer_kinds(m), _dims(m), (2 if m.params_dtype == "bf16" else 4)
     N, V, n_attn = plan.counts.matmul, plan.counts.vocab_size, sum(k in "*T" for k in kinds)
     kv = n_attn * 2 * dims["kv"] * w / tp  # one cached position, all attention layers, per GPU

@@ -25,7 +25,7 @@ import torch
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.data.sampling import ContextSampler, NTPBatcher, document_lengths
 from nemo_rlp.data.tokenizer import Tokenizer
-from nemo_rlp.models import padded_vocab_size
+from nemo_rlp.models.vocab import padded_vocab_size
 from nemo_rlp.parallel import distributed
 from nemo_rlp.preflight import RunInputs, load_inputs
 from nemo_rlp.rollout.sampler import Markers
