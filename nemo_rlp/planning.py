@@ -103,11 +103,6 @@ PUBLISHED_PARAMETERS = {
     "qwen3_1p7b": 1.72e9,
 }
 
-# Mamba mixer parameters that megatron-core sizes per tensor-parallel rank without marking them
-# `tensor_model_parallel` (mamba_mixer.py in megatron-core 0.16.1).
-_MIXER_TP_LOCAL = ("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.conv1d.bias",
-                   "mixer.norm.weight")
-
 SAMPLING_BYTES_PER_ROW_AND_VOCAB = 24  # about six fp32 [rows, V] buffers per sampling step
 LOGIT_BYTES_TRAIN = 10  # bf16 logits + fp32 cast + fp32 transposed copy (kept as the softmax)
 LOGIT_BYTES_TEACHER = 8  # fp32 logits + fp32 transposed copy
@@ -179,13 +174,14 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> ParameterCounts:
         with torch.device("meta"):
             model = build_model(m, vocab_size, 1, torch.device("meta"))
         kinds = layer_kinds(m)
+        tp_local = get_architecture(m.arch).tp_local_parameters
         layers = [[0, 0] for _ in kinds]
         embedding = output = other = final_norm = 0
         for name, p in model.named_parameters():
             n = p.numel()
             if name.startswith("decoder.layers."):
                 index = int(name.split(".")[2])
-                sharded = getattr(p, "tensor_model_parallel", False) or name.endswith(_MIXER_TP_LOCAL)
+                sharded = getattr(p, "tensor_model_parallel", False) or name.endswith(tp_local)
                 layers[index][0] += n
                 layers[index][1] += n if sharded else 0
             elif name == "embedding.word_embeddings.weight":

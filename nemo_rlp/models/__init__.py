@@ -14,16 +14,20 @@ import dataclasses
 import torch
 
 from nemo_rlp.models import gpt, hybrid  # noqa: F401  (registers the built-in families)
+from nemo_rlp.models.common import use_transformer_engine
 from nemo_rlp.models.spec import ARCHITECTURE_ATTRIBUTE, ModelConfigLike, get_architecture
 
 
 def build_model(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, device: torch.device,
                 sequence_parallel: bool = False):
-    """The provider of `model.arch` (its registered spec's `build`); the model remembers its
-    architecture, so the handle, the rollout caches and packing find the spec from the module.
-    `sequence_parallel`: megatron's sequence parallelism in training (`parallel.sequence_parallel`)."""
+    """The provider of `model.arch` (its registered spec's `build`), with the architecture's
+    Transformer Engine layer specs when TE is usable and its local ones otherwise. The model
+    remembers its architecture, so the handle, the rollout caches and packing find the spec from the
+    module. `sequence_parallel`: megatron's sequence parallelism in training (`parallel.sequence_parallel`)."""
     spec = get_architecture(cfg.arch)
-    model = spec.build(cfg, vocab_size, tensor_parallel, device, sequence_parallel)
+    use_te = spec.te_layer_spec is not None and use_transformer_engine()
+    layer_spec = spec.te_layer_spec if use_te else spec.local_layer_spec
+    model = spec.build(cfg, vocab_size, tensor_parallel, device, sequence_parallel, layer_spec)
     setattr(model, ARCHITECTURE_ATTRIBUTE, spec.name)
     return model
 

@@ -7,9 +7,9 @@ and the code that used to branch on the architecture asks the spec instead:
 
 | field | asked by |
 |---|---|
-| `build` (the provider; its TE or local layer specs inside) | `nemo_rlp.models.build_model` |
+| `build` (the provider), `te_layer_spec` / `local_layer_spec` | `nemo_rlp.models.build_model` |
 | `validate` (keys only this architecture reads) | `nemo_rlp.config.validate` |
-| `layer_kinds`, `pipeline_stages` | the planner, `nemo_rlp.planning` (docs/design.md section 5) |
+| `layer_kinds`, `pipeline_stages`, `tp_local_parameters` | the planner, `nemo_rlp.planning` (docs/design.md section 5) |
 | `cache` (`CacheOps`: the inference caches) | `ModelHandle.select_cache_rows`, the `rows` path (`nemo_rlp.models.row_cache`), the dynamic engine |
 | `pack_alignment` | packed training rows, `nemo_rlp.training.packing` |
 | `tiny_model` | the planner's host-work measurement, `nemo_rlp.rollout.schedule` |
@@ -72,9 +72,14 @@ def no_config_checks(cfg: ModelConfigLike, fail: Fail) -> dict[str, int]:
 class ArchitectureSpec:
     """One architecture: its provider and everything the rest of the package asks of it.
 
-    - `build(cfg, vocab_size, tensor_parallel, device, sequence_parallel) -> model`: this rank's
-      shard (its pipeline stage's layers, its TP slice), Transformer Engine layer specs when TE is
-      usable and the local (CPU) ones otherwise (`nemo_rlp.models.common.use_transformer_engine`);
+    - `build(cfg, vocab_size, tensor_parallel, device, sequence_parallel, layer_spec) -> model`: this
+      rank's shard (its pipeline stage's layers, its TP slice), its layers from
+      `layer_spec(cfg, transformer_config)`;
+    - `te_layer_spec`, `local_layer_spec`: `(cfg, transformer_config) -> megatron spec`: the
+      Transformer Engine layer specs (None: the family has none) and the local ones (megatron-core
+      modules with torch SDPA core attention and torch norms; they run on CPU). `build_model` passes
+      the TE one when Transformer Engine is usable (`nemo_rlp.models.common.use_transformer_engine`,
+      the one place that decides), the local one otherwise;
     - `layer_kinds(cfg) -> str`: one symbol per layer in the planner's alphabet: 'T' a transformer
       layer (attention + MLP), '*' attention only, '-' MLP only, 'M' a Mamba mixer;
     - `pipeline_stages(cfg, pipeline_parallel) -> tuple[str, ...]`: the layer kinds each stage holds
@@ -82,6 +87,8 @@ class ArchitectureSpec:
       rank (`nemo_rlp.models.common.pipeline_stage`);
     - `validate(cfg, fail) -> {key: count}`: reject values of the keys only this architecture reads
       (calling `fail`), and return the counts that the tensor-parallel size must divide;
+    - `tp_local_parameters`: suffixes of parameter names that megatron sizes per tensor-parallel rank
+      without marking them `tensor_model_parallel` (the planner counts them as sharded);
     - `cache`: the inference-cache operations (`CacheOps`);
     - `pack_alignment(language_model) -> int`: where packed training rows must start for a packed row
       to compute exactly as the row alone (1: anywhere);
@@ -91,10 +98,13 @@ class ArchitectureSpec:
 
     name: str
     build: Callable[..., Any]
+    local_layer_spec: Callable[[ModelConfigLike, Any], Any]
     layer_kinds: Callable[[ModelConfigLike], str]
     cache: CacheOps
+    te_layer_spec: Optional[Callable[[ModelConfigLike, Any], Any]] = None
     validate: Callable[[ModelConfigLike, Fail], dict[str, int]] = no_config_checks
     pipeline_stages: Optional[Callable[[ModelConfigLike, int], tuple[str, ...]]] = None
+    tp_local_parameters: tuple[str, ...] = ()
     pack_alignment: Callable[[Any], int] = lambda language_model: 1
     tiny_model: Optional[Callable[[int], list[str]]] = None
 

@@ -11,8 +11,6 @@ changed or told about it.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -34,6 +32,7 @@ from nemo_rlp.models.spec import (
 from nemo_rlp.parallel import distributed
 from nemo_rlp.planning import Hardware, count_parameters, layer_kinds, make_plan
 from nemo_rlp.rollout.sampler import MODES, Markers, SamplingParams, sample_thoughts
+from nemo_rlp.rollout.schedule import measure_host_work
 from nemo_rlp.training.loop import Trainer
 from nemo_rlp.training.schedule import RLP
 
@@ -77,7 +76,8 @@ def toy_validate(cfg, fail):
 
 TOY_SPEC = ArchitectureSpec(
     name=TOY,
-    build=functools.partial(build_gpt, layer_spec=toy_layer_spec),
+    build=build_gpt,  # the GPT family's provider, with the toy's layers
+    local_layer_spec=toy_layer_spec,  # no Transformer Engine spec: the local one everywhere
     layer_kinds=lambda cfg: "*" * cfg.num_layers,
     cache=CacheOps(select_rows=select_attention_rows, row_layers=toy_row_layers),
     validate=toy_validate,
@@ -132,6 +132,9 @@ def test_the_planner_plans_the_toy(handle):
     rollout = dict({p.name: p for p in plan.stages[0].phases}["rollout"].items)
     assert rollout["KV cache (2 attention layers)"] > 0
     assert not any("Mamba" in item for item in rollout)
+    # The step-time model measures host work on the toy's own tiny model (its `tiny_model`).
+    work = measure_host_work(TOY, "rows")
+    assert work.ops_per_layer > 10 and work.ops_per_step > 0
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -3,7 +3,7 @@
 A `ModelConfig` with `arch: gpt` in, a (possibly tensor-parallel) GPTModel out. On CPU the local
 (non-Transformer-Engine) layer spec runs, with torch SDPA as its core attention
 (`nemo_rlp.models.attention`); on GPU the Transformer Engine spec is used when Transformer Engine is
-importable (`nemo_rlp.models.common.use_transformer_engine`).
+importable (`nemo_rlp.models.common.use_transformer_engine`; `build_model` chooses).
 
 Everything the rest of the package asks of this architecture is in `SPEC`, registered under 'gpt'
 (`nemo_rlp.models.spec`): the provider, its layer kinds for the planner (one 'T' per layer), the
@@ -15,20 +15,22 @@ from __future__ import annotations
 import torch
 
 from nemo_rlp.models.cache_ops import select_attention_rows
-from nemo_rlp.models.common import pipeline_stage, transformer_config, use_transformer_engine
+from nemo_rlp.models.common import pipeline_stage, transformer_config
 from nemo_rlp.models.row_cache import RowCache, attention_on_rows
 from nemo_rlp.models.spec import ArchitectureSpec, CacheOps, Fail, ModelConfigLike, register_architecture
 
 
-def layer_spec(cfg: ModelConfigLike, config):
-    """The transformer block's layer spec: Transformer Engine's, or the local one."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+def te_layer_spec(cfg: ModelConfigLike, config):
+    """megatron's Transformer Engine GPT layer spec."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    if use_transformer_engine():
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+
+
+def local_layer_spec(cfg: ModelConfigLike, config):
+    """megatron's local GPT layer spec as a block spec with our attention core and norms (below)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     return local_block_spec(get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization),
                             config)
 
@@ -55,10 +57,10 @@ def local_block_spec(layer, config):
 
 
 def build_gpt(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, device: torch.device,
-              sequence_parallel: bool = False, layer_spec=layer_spec):
+              sequence_parallel: bool, layer_spec):
     """Build the GPTModel for this rank's shard (its pipeline stage's layers, its TP slice).
-    `vocab_size` is the padded model vocabulary; `layer_spec(cfg, config)` the block's layer spec
-    (a variant of this family passes its own)."""
+    `vocab_size` is the padded model vocabulary; `layer_spec(cfg, config)` the layer spec
+    `build_model` chose (`te_layer_spec` or `local_layer_spec`, or a GPT variant's own)."""
     from megatron.core.models.gpt import GPTModel
 
     first, last, _ = pipeline_stage()
@@ -108,6 +110,8 @@ ATTENTION_CACHE = CacheOps(select_rows=select_attention_rows, row_layers=attenti
 SPEC = register_architecture(ArchitectureSpec(
     name="gpt",
     build=build_gpt,
+    te_layer_spec=te_layer_spec,
+    local_layer_spec=local_layer_spec,
     layer_kinds=layer_kinds,
     cache=ATTENTION_CACHE,
     validate=validate,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from nemo_rlp.models.cache_ops import select_attention_rows, select_state_rows
-from nemo_rlp.models.hybrid.provider import build_hybrid
+from nemo_rlp.models.hybrid.provider import build_hybrid, local_stack_spec, te_stack_spec
 from nemo_rlp.models.row_cache import RowCache, attention_on_rows, prefill_states, store_prefill_states
 from nemo_rlp.models.spec import ArchitectureSpec, CacheOps, Fail, ModelConfigLike, register_architecture
 
@@ -104,6 +104,12 @@ def pack_alignment(language_model: torch.nn.Module) -> int:
     return max((m.chunk_size for m in language_model.modules() if _is_mamba_mixer(m)), default=1)
 
 
+# Mamba mixer parameters that megatron-core sizes per tensor-parallel rank without marking them
+# `tensor_model_parallel` (mamba_mixer.py in megatron-core 0.16.1).
+MIXER_TP_LOCAL = ("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.conv1d.bias",
+                  "mixer.norm.weight")
+
+
 def tiny_model(depth: int) -> list[str]:
     return ["model=tiny_hybrid", f"model.num_layers={4 * depth}", f"model.hybrid_override_pattern={'M*M-' * depth}"]
 
@@ -111,9 +117,12 @@ def tiny_model(depth: int) -> list[str]:
 SPEC = register_architecture(ArchitectureSpec(
     name="hybrid",
     build=build_hybrid,
+    te_layer_spec=te_stack_spec,
+    local_layer_spec=local_stack_spec,
     layer_kinds=layer_kinds,
     cache=CacheOps(select_rows=select_rows, row_layers=row_layers, dynamic_state=dynamic_state),
     validate=validate,
+    tp_local_parameters=MIXER_TP_LOCAL,
     pack_alignment=pack_alignment,
     tiny_model=tiny_model,
 ))

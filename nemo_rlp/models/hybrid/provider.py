@@ -40,7 +40,7 @@ import math
 import torch
 
 from nemo_rlp.models import mamba_cpu_kernels
-from nemo_rlp.models.common import pipeline_stage, transformer_config, use_transformer_engine
+from nemo_rlp.models.common import pipeline_stage, transformer_config
 from nemo_rlp.models.spec import ModelConfigLike
 
 
@@ -77,7 +77,7 @@ def _local_mamba_stack_class():
     return LocalMambaStack
 
 
-def local_stack_spec(cfg: ModelConfigLike):
+def local_stack_spec(cfg: ModelConfigLike, config=None):
     """The hybrid stack spec from megatron-core modules only (runs on CPU)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.ssm.mamba_block import MambaStackSubmodules
@@ -151,7 +151,7 @@ def local_stack_spec(cfg: ModelConfigLike):
     )
 
 
-def te_stack_spec(cfg: ModelConfigLike):
+def te_stack_spec(cfg: ModelConfigLike, config=None):
     """megatron's Transformer Engine hybrid spec, with the configured chunk size and QK norms."""
     from megatron.core.extensions.transformer_engine import TENorm
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
@@ -166,23 +166,22 @@ def te_stack_spec(cfg: ModelConfigLike):
     return spec
 
 
-def hybrid_stack_spec(cfg: ModelConfigLike):
-    return te_stack_spec(cfg) if use_transformer_engine() else local_stack_spec(cfg)
-
-
 def build_hybrid(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, device: torch.device,
-                 sequence_parallel: bool = False):
-    """Build the MambaModel for this rank's shard. `vocab_size` is the padded model vocabulary."""
+                 sequence_parallel: bool, layer_spec):
+    """Build the MambaModel for this rank's shard. `vocab_size` is the padded model vocabulary;
+    `layer_spec(cfg, config)` the stack spec `build_model` chose (`te_stack_spec` or
+    `local_stack_spec`)."""
     # Before megatron's mamba modules are imported: the mixer module needs triton otherwise.
     mamba_cpu_kernels.install()
     from megatron.core.models.mamba import MambaModel
 
     first, last, _ = pipeline_stage()
+    config = hybrid_transformer_config(cfg, tensor_parallel, sequence_parallel)
     model = MambaModel(
         pre_process=first,
         post_process=last,
-        config=hybrid_transformer_config(cfg, tensor_parallel, sequence_parallel),
-        mamba_stack_spec=hybrid_stack_spec(cfg),
+        config=config,
+        mamba_stack_spec=layer_spec(cfg, config),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         hybrid_override_pattern=cfg.hybrid_override_pattern,
