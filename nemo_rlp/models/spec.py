@@ -83,8 +83,9 @@ class ArchitectureSpec:
     - `layer_kinds(cfg) -> str`: one symbol per layer in the planner's alphabet: 'T' a transformer
       layer (attention + MLP), '*' attention only, '-' MLP only, 'M' a Mamba mixer;
     - `pipeline_stages(cfg, pipeline_parallel) -> tuple[str, ...]`: the layer kinds each stage holds
-      (None: megatron's even split, `even_pipeline_stages`); the provider builds the stage of this
-      rank (`nemo_rlp.models.common.pipeline_stage`);
+      (None: megatron's even split, `even_pipeline_stages`, which both built-in providers build);
+      the planner plans each stage from it, so it must be the split `build` makes; the provider
+      builds this rank's stage (`nemo_rlp.models.common.pipeline_stage`);
     - `validate(cfg, fail) -> {key: count}`: reject values of the keys only this architecture reads
       (calling `fail`), and return the counts that the tensor-parallel size must divide;
     - `tp_local_parameters`: suffixes of parameter names that megatron sizes per tensor-parallel rank
