@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 from nemo_rlp.config import load_config  # noqa: E402
-from nemo_rlp.models import build_model, padded_vocab_size  # noqa: E402
+from nemo_rlp.models import build_model  # noqa: E402
+from nemo_rlp.models.vocab import padded_vocab_size  # noqa: E402
 from nemo_rlp.models.handle import positions_like  # noqa: E402
 from nemo_rlp.parallel import distributed  # noqa: E402
 from nemo_rlp.planning import count_parameters  # noqa: E402

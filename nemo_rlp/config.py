@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 # modules import neither torch nor megatron-core, so validation still runs before either is loaded.
 from nemo_rlp.data.marked import POSITIONS
 from nemo_rlp.data.sources import FORMATS
+from nemo_rlp.models.spec import architecture_names, get_architecture
 from nemo_rlp.rollout.modes import GPU_MODES as GPU_ROLLOUT_MODES
 from nemo_rlp.rollout.modes import MODES as ROLLOUT_MODES
 
@@ -35,7 +36,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A megatron-core model. `arch` picks the provider in `nemo_rlp.models`."""
+    """A megatron-core model. `arch` names a registered architecture (`nemo_rlp.models.spec`)."""
 
     name: str = "tiny_gpt"
     arch: str = "gpt"
@@ -454,14 +455,13 @@ def _at_least_one(section: str, node: Any, keys: tuple[str, ...]) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    if m.arch not in ("gpt", "hybrid"):
-        _fail("model.arch", m.arch, "one of 'gpt', 'hybrid'")
+    if m.arch not in architecture_names():
+        names = ", ".join(map(repr, architecture_names()))
+        _fail("model.arch", m.arch, f"one of the registered architectures (nemo_rlp.models.spec): {names}")
     if not m.layernorm_epsilon > 0:
         _fail("model.layernorm_epsilon", m.layernorm_epsilon, "a float > 0")
-    if m.arch == "hybrid":
-        _validate_hybrid_model(m)
-    elif m.hybrid_override_pattern is not None:
-        _fail("model.hybrid_override_pattern", m.hybrid_override_pattern, "null unless model.arch='hybrid'")
+    # The keys only this architecture reads are its own to check (nemo_rlp.models.spec).
+    get_architecture(m.arch).validate(m, _fail)
     _at_least_one("model", m, ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"))
     if m.hidden_size % m.num_attention_heads:
         _fail("model.hidden_size", m.hidden_size, f"a multiple of model.num_attention_heads={m.num_attention_heads}")
@@ -478,22 +478,6 @@ def _validate_model(m: ModelConfig) -> None:
 def mamba_heads(m: ModelConfig) -> int:
     """The Mamba head count of a hybrid model: explicit, or 2 * hidden_size / mamba_head_dim."""
     return m.mamba_num_heads or 2 * m.hidden_size // m.mamba_head_dim
-
-
-def _validate_hybrid_model(m: ModelConfig) -> None:
-    pattern = m.hybrid_override_pattern
-    if not pattern or set(pattern) - set("M*-"):
-        _fail("model.hybrid_override_pattern", pattern,
-              "a string of 'M' (Mamba), '*' (attention) and '-' (MLP), one symbol per layer")
-    if len(pattern) != m.num_layers:
-        _fail("model.hybrid_override_pattern", pattern, f"one symbol per layer: {m.num_layers} (model.num_layers)")
-    _at_least_one("model", m, ("mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_chunk_size"))
-    if m.mamba_num_heads is not None and m.mamba_num_heads < 1:
-        _fail("model.mamba_num_heads", m.mamba_num_heads, "null (2 * hidden_size / mamba_head_dim) or >= 1")
-    if m.mamba_num_heads is None and (2 * m.hidden_size) % m.mamba_head_dim:
-        _fail("model.mamba_head_dim", m.mamba_head_dim, f"a divisor of 2 * model.hidden_size={2 * m.hidden_size}")
-    if mamba_heads(m) % m.mamba_num_groups:
-        _fail("model.mamba_num_groups", m.mamba_num_groups, f"a divisor of the Mamba head count {mamba_heads(m)}")
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -685,10 +669,10 @@ def _validate_across_sections(cfg: RunConfig) -> None:
     if m.num_layers % p.pipeline_model_parallel_size:
         _fail("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size,
               f"a divisor of model.num_layers={m.num_layers} (each stage holds as many layers)")
-    divided = [("num_attention_heads", m.num_attention_heads)]
-    if m.arch == "hybrid":
-        divided += [("mamba_num_heads", mamba_heads(m)), ("mamba_num_groups", m.mamba_num_groups)]
-    for key, count in divided:
+    # The architecture returns the counts of its own the tensor-parallel size must divide (the hybrid
+    # family: Mamba heads and groups).
+    divided = {"num_attention_heads": m.num_attention_heads, **get_architecture(m.arch).validate(m, _fail)}
+    for key, count in divided.items():
         if count % p.tensor_model_parallel_size:
             _fail("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size, f"a divisor of model.{key}={count}")
     e = cfg.eval

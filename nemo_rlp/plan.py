@@ -119,7 +119,7 @@ def _model_vocabulary(cfg) -> int:
     """The model's padded vocabulary, checked against the tokenizer the trainer would load (with the
     same markers), so a tokenizer the run would reject fails here too."""
     from nemo_rlp.data.tokenizer import load_tokenizer
-    from nemo_rlp.models import padded_vocab_size
+    from nemo_rlp.models.vocab import padded_vocab_size
 
     try:
         tokenizer = load_tokenizer(cfg.data, cfg.rlp)

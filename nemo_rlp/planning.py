@@ -92,6 +92,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nemo_rlp.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+from nemo_rlp.models.spec import get_architecture
 
 GiB = float(2**30)
 
@@ -101,11 +102,6 @@ PUBLISHED_PARAMETERS = {
     # Published as "1.7B"; its HF config gives 1.7206e9 with tied embeddings: 3 significant digits.
     "qwen3_1p7b": 1.72e9,
 }
-
-# Mamba mixer parameters that megatron-core sizes per tensor-parallel rank without marking them
-# `tensor_model_parallel` (mamba_mixer.py in megatron-core 0.16.1).
-_MIXER_TP_LOCAL = ("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.conv1d.bias",
-                   "mixer.norm.weight")
 
 SAMPLING_BYTES_PER_ROW_AND_VOCAB = 24  # about six fp32 [rows, V] buffers per sampling step
 LOGIT_BYTES_TRAIN = 10  # bf16 logits + fp32 cast + fp32 transposed copy (kept as the softmax)
@@ -156,7 +152,9 @@ class ParameterCounts:
 
 
 def layer_kinds(m: ModelConfig) -> str:
-    return m.hybrid_override_pattern if m.arch == "hybrid" else "T" * m.num_layers
+    """One symbol per layer ('T' transformer, '*' attention, '-' MLP, 'M' Mamba): the architecture's
+    declaration (`ArchitectureSpec.layer_kinds`, nemo_rlp.models.spec)."""
+    return get_architecture(m.arch).layer_kinds(m)
 
 
 def count_parameters(m: ModelConfig, vocab_size: int) -> ParameterCounts:
@@ -176,13 +174,14 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> ParameterCounts:
         with torch.device("meta"):
             model = build_model(m, vocab_size, 1, torch.device("meta"))
         kinds = layer_kinds(m)
+        tp_local = get_architecture(m.arch).tp_local_parameters
         layers = [[0, 0] for _ in kinds]
         embedding = output = other = final_norm = 0
         for name, p in model.named_parameters():
             n = p.numel()
             if name.startswith("decoder.layers."):
                 index = int(name.split(".")[2])
-                sharded = getattr(p, "tensor_model_parallel", False) or name.endswith(_MIXER_TP_LOCAL)
+                sharded = getattr(p, "tensor_model_parallel", False) or name.endswith(tp_local)
                 layers[index][0] += n
                 layers[index][1] += n if sharded else 0
             elif name == "embedding.word_embeddings.weight":
@@ -417,11 +416,11 @@ def make_plan(
         if total < dp:
             raise ConfigError(f"{key}={total} is smaller than the data-parallel size {dp}: every rank needs one")
     work = _RankWork.of(cfg, counts, dp, what_if)
-    kinds = layer_kinds(cfg.model)
-    per_stage = len(kinds) // pp
+    # The layer kinds of each pipeline stage, as the architecture splits them (nemo_rlp.models.spec).
+    stage_layer_kinds = get_architecture(cfg.model.arch).stages(cfg.model, pp)
     stages = []
     for s in range(pp):
-        stage_kinds = kinds[s * per_stage : (s + 1) * per_stage]
+        stage_kinds = stage_layer_kinds[s]
         stage = _StagePlanner(cfg, work, s, stage_kinds)
         params = counts.per_gpu(tp, pp, s, cfg.model.share_embeddings_and_output_weights)
         phases = [stage.teacher_phase(), stage.rollout_phase(), stage.rlp_training_phase(), stage.ntp_training_phase()]
@@ -903,7 +902,7 @@ def plan_step_time(plan: Plan, accelerator: str, thoughts: str = "full", host_wo
     context_lens, thought_lens = _rollout_lengths(cfg, b, thoughts)
     sched = replay_step(r.rollout_mode, context_lens, thought_lens, G, L, chunk)
     ideal = replay_step("rows", context_lens, thought_lens, G, L, chunk)
-    host_work = host_work or measure_host_work("hybrid" if m.arch == "hybrid" else "gpt", r.rollout_mode)
+    host_work = host_work or measure_host_work(m.arch, r.rollout_mode)
     kinds, dims, w = layer_kinds(m), _dims(m), (2 if m.params_dtype == "bf16" else 4)
     N, V, n_attn = plan.counts.matmul, plan.counts.vocab_size, sum(k in "*T" for k in kinds)
     kv = n_attn * 2 * dims["kv"] * w / tp  # one cached position, all attention layers, per GPU

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     from megatron.core import dist_checkpointing
 
-    from nemo_rlp.models import build_model, build_teacher_model, padded_vocab_size
+    from nemo_rlp.models import build_model, build_teacher_model
+    from nemo_rlp.models.vocab import padded_vocab_size
     from nemo_rlp.parallel import distributed
 
     layout = distributed.initialize(cfg.parallel, cfg.trainer.seed)

@@ -1,4 +1,11 @@
-"""Model providers: a config in, a megatron-core model (and the handle over it) out."""
+"""Model providers: a config in, a megatron-core model (and the handle over it) out.
+
+Each architecture is a family module that registers an `ArchitectureSpec` (`nemo_rlp.models.spec`):
+`gpt/` (megatron's GPTModel) and `hybrid/` (megatron's MambaModel). Importing this package registers
+both, so the registry is complete wherever any part of the package is imported; `build_model` builds
+whatever `model.arch` names. Nothing here imports `nemo_rlp.config` (which imports the registry to
+validate `model.arch`); the vocabulary size is `nemo_rlp.models.vocab`.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +13,26 @@ import dataclasses
 
 import torch
 
-from nemo_rlp.config import ConfigError, ModelConfig
+from nemo_rlp.models import gpt, hybrid  # noqa: F401  (registers the built-in families)
+from nemo_rlp.models.common import use_transformer_engine
+from nemo_rlp.models.spec import ARCHITECTURE_ATTRIBUTE, ModelConfigLike, get_architecture
 
 
-def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab: int, tensor_parallel: int) -> int:
-    """The model's vocabulary: explicit, or the tokenizer's padded so every TP shard is equal."""
-    if cfg.vocab_size is not None:
-        if cfg.vocab_size < tokenizer_vocab:
-            raise ConfigError(
-                f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({tokenizer_vocab} tokens, markers included); set model.vocab_size >= "
-                f"{tokenizer_vocab} or null to derive it"
-            )
-        if cfg.vocab_size % tensor_parallel:
-            raise ConfigError(
-                f"model.vocab_size={cfg.vocab_size} is not divisible by "
-                f"parallel.tensor_model_parallel_size={tensor_parallel}"
-            )
-        return cfg.vocab_size
-    multiple = cfg.make_vocab_size_divisible_by * tensor_parallel
-    return -(-tokenizer_vocab // multiple) * multiple
-
-
-def build_model(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device,
+def build_model(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, device: torch.device,
                 sequence_parallel: bool = False):
-    """Dispatch on `model.arch`: one provider per architecture, nothing else changes.
-    `sequence_parallel`: megatron's sequence parallelism in training (`parallel.sequence_parallel`)."""
-    if cfg.arch == "gpt":
-        from nemo_rlp.models.gpt import build_gpt
+    """The provider of `model.arch` (its registered spec's `build`), with the architecture's
+    Transformer Engine layer specs when TE is usable and its local ones otherwise. The model
+    remembers its architecture, so the handle, the rollout caches and packing find the spec from the
+    module. `sequence_parallel`: megatron's sequence parallelism in training (`parallel.sequence_parallel`)."""
+    spec = get_architecture(cfg.arch)
+    use_te = spec.te_layer_spec is not None and use_transformer_engine()
+    layer_spec = spec.te_layer_spec if use_te else spec.local_layer_spec
+    model = spec.build(cfg, vocab_size, tensor_parallel, device, sequence_parallel, layer_spec)
+    setattr(model, ARCHITECTURE_ATTRIBUTE, spec.name)
+    return model
 
-        return build_gpt(cfg, vocab_size, tensor_parallel, device, sequence_parallel)
-    if cfg.arch == "hybrid":
-        from nemo_rlp.models.hybrid import build_hybrid
 
-        return build_hybrid(cfg, vocab_size, tensor_parallel, device, sequence_parallel)
-    raise ConfigError(f"model.arch={cfg.arch!r} is not allowed: one of 'gpt', 'hybrid'")
-
-
-def build_teacher_model(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device):
+def build_teacher_model(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, device: torch.device):
     """The EMA teacher's model: the policy's architecture and sharding, in fp32 whatever the
     policy's dtype (nemo_rlp.ema keeps phi in fp32).
 

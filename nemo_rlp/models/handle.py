@@ -2,8 +2,9 @@
 
 It hides how a megatron-core language model is called (position ids, vocabulary-sharded logits,
 pipeline stages, wrappers such as DDP) behind the questions a caller asks: the log-prob of given next
-tokens, and the full next-token distribution at each row's end, with or without a cache. A new
-architecture is a new provider in `nemo_rlp.models`; this handle does not change.
+tokens, and the full next-token distribution at each row's end, with or without a cache. What
+differs between architectures (which layers keep which cache state) it asks the model's
+architecture spec (`nemo_rlp.models.spec`); a new architecture does not change this handle.
 
 Under pipeline parallelism only the last stage sees logits; the no-grad answers are broadcast to
 every stage of the replica, so all stages run the same sampler and see the same numbers. (Training
@@ -16,6 +17,8 @@ import contextlib
 
 import torch
 
+from nemo_rlp.models.row_cache import RowCache, row_cached_logits
+from nemo_rlp.models.spec import architecture_of
 from nemo_rlp.parallel import pipeline
 
 
@@ -60,7 +63,7 @@ class ModelHandle:
 
     # ---------------------------------------------------------------------------------------------
     # Cached decoding. The cache is megatron-core's StaticInferenceContext: attention layers keep
-    # their keys and values in it, Mamba layers their conv and SSM states.
+    # their keys and values in it, recurrent layers (Mamba) their states.
     # ---------------------------------------------------------------------------------------------
 
     def new_cache(self, max_batch: int, max_sequence: int):
@@ -69,9 +72,7 @@ class ModelHandle:
         return StaticInferenceContext(max_batch_size=max_batch, max_sequence_length=max_sequence)
 
     def new_row_cache(self, max_batch: int, max_sequence: int, device: torch.device):
-        """A per-row cache (`nemo_rlp.rollout.row_cache.RowCache`): every row has its own length."""
-        from nemo_rlp.rollout.row_cache import RowCache
-
+        """A per-row cache (`nemo_rlp.models.row_cache.RowCache`): every row has its own length."""
         return RowCache(self.language_model, max_batch, max_sequence, device)
 
     @torch.no_grad()
@@ -85,8 +86,6 @@ class ModelHandle:
         at TP=1), on the last pipeline stage only (None on the others): the `rows` sampler decides on
         the shards (nemo_rlp.rollout.vocab_shard) and sends each row's token and log-probs, not
         [b, V], to the other stages."""
-        from nemo_rlp.rollout.row_cache import RowCache, row_cached_logits
-
         if isinstance(cache, RowCache):
             return row_cached_logits(self.language_model, tokens, cache)
         offset = cache.sequence_len_offset
@@ -110,29 +109,10 @@ class ModelHandle:
     def select_cache_rows(self, cache, index: torch.Tensor) -> int:
         """Make cache row i a copy of row index[i]: repeat a prefilled context G times
         (index = [0,0,..,1,1,..]) or drop finished rows. len(index) may differ from the batch
-        the cache was filled with, up to the cache's max_batch_size. Returns the bytes copied."""
-        from megatron.core.transformer.attention import Attention
-
-        moved = 0
-        for module in self.language_model.modules():
-            if isinstance(module, Attention) and module.layer_number in cache.key_value_memory_dict:
-                key, value = cache.key_value_memory_dict[module.layer_number]
-                # [max_sequence, max_batch, ...]: rows beyond len(index) are left as they are.
-                rows = len(index)
-                key[:, :rows] = key[:, index]
-                value[:, :rows] = value[:, index]
-                moved += 2 * key[:, :rows].numel() * key.element_size()
-            elif _is_mamba_mixer(module) and module.layer_number in cache.key_value_memory_dict:
-                conv_state, ssm_state = cache.key_value_memory_dict[module.layer_number]
-                # Mamba states are sized to the live batch, and megatron re-zeroes them when the
-                # batch size changes: store the selected rows and tell the mixer their size.
-                cache.key_value_memory_dict[module.layer_number] = (
-                    conv_state[index].contiguous(),
-                    ssm_state[index].contiguous(),
-                )
-                module.cached_batch_size = len(index)
-                moved += (conv_state[index].numel() + ssm_state[index].numel()) * conv_state.element_size()
-        return moved
+        the cache was filled with, up to the cache's max_batch_size. Returns the bytes copied.
+        Which layers keep which state is the architecture's (`CacheOps.select_rows`)."""
+        model = self.language_model
+        return architecture_of(model).cache.select_rows(model, cache, index)
 
     def train(self, mode: bool = True) -> "ModelHandle":
         self.module.train(mode)
@@ -197,8 +177,3 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
         module = module.module
     return module
 
-
-def _is_mamba_mixer(module: torch.nn.Module) -> bool:
-    # Duck-typed: importing megatron's MambaMixer needs triton (or the CPU kernels' stand-ins),
-    # which a pure-attention model should not require.
-    return hasattr(module, "cached_batch_size") and hasattr(module, "mamba_state_shapes_per_request")

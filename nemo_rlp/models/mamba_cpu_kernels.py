@@ -49,7 +49,8 @@ dtype, as the fused kernels do; SSM states are returned/kept in fp32.
 
 The mixer binds these names at import, so `install()` sets them as attributes of the imported
 `megatron.core.ssm.mamba_mixer` module (whenever it was imported). Call `install()` before building
-a `MambaModel`; `nemo_rlp.models.hybrid` does. `install()` warns once if megatron-core is not 0.16.1.
+a `MambaModel`; `nemo_rlp.models.hybrid.provider` does. `install()` warns once if megatron-core is
+not 0.16.1.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def thread_context() -> contextlib.AbstractContextManager:
 def device_mode_suspended():
     """Run a block without the device-literal mode: every torch call inside it skips the mode's
     Python hook (~24K calls per decode step of the tiny models). Only for code known to hold no
-    `device="cuda"` literal (the `rows` rollout path, `nemo_rlp.rollout.row_cache`); a no-op when
+    `device="cuda"` literal (the `rows` rollout path, `nemo_rlp.models.row_cache`); a no-op when
     the mode is not installed or is not the innermost torch function mode."""
     from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
 

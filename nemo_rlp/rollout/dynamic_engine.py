@@ -2,7 +2,7 @@
 
 STATUS: WRITTEN AGAINST megatron-core 0.16.1's API, NEVER RUN. No GPU was lent to the session that
 wrote it; tests/gpu/test_dynamic_rollout.py is its first check on a lent GPU. The CPU path and the
-reference stay `rows` (nemo_rlp.rollout.row_cache), behind the same `sample_thoughts` call.
+reference stay `rows` (nemo_rlp.models.row_cache), behind the same `sample_thoughts` call.
 
 Why not on CPU: `Attention.forward` asserts flash-attn >= 2.7.3 for any dynamic-batching context
 (transformer/attention.py:926), its KV append is a Triton kernel (contexts/fused_kv_append_kernel.py),
@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from nemo_rlp.models.spec import architecture_of
 from nemo_rlp.rollout.thoughts import answer_argmax, layout_rows, row_buffers
 
 
@@ -79,23 +80,13 @@ def build_engine(handle, markers, max_requests: int, max_sequence: int, buffer_s
         max_sequence_length=max_sequence, buffer_size_gb=buffer_size_gb, max_requests=max_requests,
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-        mamba_inference_state_config=_mamba_state_config(model),
+        # Recurrent (Mamba) state shapes per request, None for attention-only models: the architecture's.
+        mamba_inference_state_config=architecture_of(model).cache.dynamic_state(model),
         materialize_only_last_token_logits=True,
     )
     wrapper = GPTInferenceWrapper(model, wrapper_config, context)  # MambaModel goes through the same wrapper
     controller = TextGenerationController(wrapper, tokenizer=_TokenIds(markers.think_end))
     return DynamicInferenceEngine(controller, context, enable_cuda_graph=True, random_seed=seed)
-
-
-def _mamba_state_config(model):
-    """Per-request Mamba state shapes for a hybrid model (None for a GPT model)."""
-    mixers = [m for m in model.modules() if hasattr(m, "mamba_state_shapes_per_request")]
-    if not mixers:
-        return None
-    from megatron.core.inference.contexts.attention_context.mamba_metadata import MambaInferenceStateConfig
-
-    conv_shape, ssm_shape = mixers[0].mamba_state_shapes_per_request()
-    return MambaInferenceStateConfig(list(model.decoder.layer_type_list), conv_shape, ssm_shape)
 
 
 def sample_thoughts_dynamic(handle, prefixes: Sequence[Sequence[int]], targets: Sequence[int], params, markers,

@@ -6,7 +6,7 @@ L sampled tokens without an end marker, the recipe inserts one and flags the tho
 
 Two paths, behind the same call:
 
-`rows` (nemo_rlp.rollout.row_cache): every context is prefilled once, at its own length, into the
+`rows` (nemo_rlp.models.row_cache): every context is prefilled once, at its own length, into the
 cache rows of its G thoughts; each row then decodes from its own position, so thought token u of
 every row is decided at decode step u and contexts of any length mix with none of their tokens fed
 through decode. Finished rows stay in the batch, masked, until fewer than COMPACT_BELOW of them are

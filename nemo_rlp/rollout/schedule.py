@@ -133,8 +133,9 @@ class HostWork:
 
 
 def measure_host_work(arch: str, mode: str) -> HostWork:
-    """Count the aten ops of decode steps of the tiny model of `arch` ('gpt' or 'hybrid') and of the
-    same model with twice the layers: the difference is the per-layer part."""
+    """Count the aten ops of decode steps of the tiny model of `arch` (the registered architecture's
+    `tiny_model`, `nemo_rlp.models.spec`) and of the same model with twice the layers: the
+    difference is the per-layer part."""
     counts = [_decode_ops(arch, mode, depth) for depth in (1, 2)]
     (layers_1, step_ops_1, syncs), (layers_2, step_ops_2, _) = counts
     per_layer = (step_ops_2 - step_ops_1) / (layers_2 - layers_1)
@@ -149,6 +150,7 @@ def _decode_ops(arch: str, mode: str, depth: int) -> tuple[int, float, float]:
     from nemo_rlp.config import ParallelConfig, load_config
     from nemo_rlp.models import build_model
     from nemo_rlp.models.handle import ModelHandle
+    from nemo_rlp.models.spec import get_architecture
     from nemo_rlp.parallel import distributed
     from nemo_rlp.rollout.sampler import Markers, RolloutStats, SamplingParams, sample_thoughts
 
@@ -163,10 +165,10 @@ def _decode_ops(arch: str, mode: str, depth: int) -> tuple[int, float, float]:
 
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize(ParallelConfig(), seed=0)
-    name, pattern = ("tiny_gpt", None) if arch == "gpt" else ("tiny_hybrid", "M*M-")
-    overrides = [f"model={name}"] + ([f"model.num_layers={2 * depth}"] if arch == "gpt" else
-                                     [f"model.num_layers={4 * depth}", f"model.hybrid_override_pattern={pattern * depth}"])
-    cfg = load_config(overrides).model
+    tiny_model = get_architecture(arch).tiny_model
+    if tiny_model is None:
+        raise ValueError(f"architecture {arch!r} declares no tiny_model: its host work cannot be measured")
+    cfg = load_config(tiny_model(depth)).model
     torch.manual_seed(0)
     handle = ModelHandle(build_model(cfg, 256, 1, torch.device("cpu")))
     prefixes = [[5] * 12, [6] * 20]

@@ -26,7 +26,7 @@ from nemo_rlp.config import ConfigError, RunConfig, as_dict
 from nemo_rlp.data.sampling import ContextSampler, NTPBatcher
 from nemo_rlp.data.texts import document_lengths
 from nemo_rlp.data.tokenizer import Tokenizer
-from nemo_rlp.models import padded_vocab_size
+from nemo_rlp.models.vocab import padded_vocab_size
 from nemo_rlp.parallel import distributed
 from nemo_rlp.planning import local_matmul_parameters
 from nemo_rlp.preflight import RunInputs, load_inputs

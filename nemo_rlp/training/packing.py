@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from nemo_rlp.models.spec import architecture_of
+
 
 @dataclass
 class PackedRows:
@@ -135,11 +137,11 @@ def logits_at(language_model: torch.nn.Module, index: Optional[torch.Tensor]):
 
 
 def pack_alignment(language_model: torch.nn.Module) -> int:
-    """Where packed rows must start for a packed row to compute exactly as the same row alone: at a
-    multiple of the Mamba mixers' SSD chunk size (the chunked scan then cuts a row into the same
-    chunks wherever it sits in the pack, so it rounds the same); 1 for attention-only models."""
-    sizes = [m.chunk_size for m in language_model.modules() if hasattr(m, "chunk_size") and hasattr(m, "cached_batch_size")]
-    return max(sizes, default=1)
+    """Where packed rows must start for a packed row to compute exactly as the same row alone: the
+    architecture's answer (`ArchitectureSpec.pack_alignment`): a multiple of the Mamba mixers' SSD
+    chunk size in hybrid models (the chunked scan then cuts a row into the same chunks wherever it
+    sits in the pack, so it rounds the same); 1 for attention-only models."""
+    return architecture_of(language_model).pack_alignment(language_model)
 
 
 def unpack_logprobs(real_logprobs: torch.Tensor, packed: PackedRows, shape: tuple[int, int]) -> torch.Tensor:

@@ -31,8 +31,9 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
     from megatron.core import parallel_state
 
     from nemo_rlp.config import ParallelConfig, load_config
-    from nemo_rlp.models import build_model, padded_vocab_size
+    from nemo_rlp.models import build_model
     from nemo_rlp.models.handle import ModelHandle
+    from nemo_rlp.models.vocab import padded_vocab_size
     from nemo_rlp.parallel import distributed
 
     cfg = load_config(["model=tiny_gpt"])

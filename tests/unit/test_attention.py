@@ -19,7 +19,7 @@ def modules():
     from megatron.core.transformer.enums import AttnMaskType
 
     from nemo_rlp.models.attention import SDPAttention
-    from nemo_rlp.models.gpt import transformer_config
+    from nemo_rlp.models.common import transformer_config
     from nemo_rlp.parallel import distributed
 
     distributed.initialize(ParallelConfig(), SEED)

@@ -20,6 +20,9 @@ not run on CPU (`nemo_rlp.rollout.dynamic_engine`).
 
 `row_cached_logits` walks the stage's layers itself (megatron's layer modules, norms, MLPs, Mamba
 mixers and TP linears; only the attention core is ours), so TP and PP work as in megatron's forward.
+Which layer keeps which state is the architecture's to say: its spec's `CacheOps.row_layers`
+(`nemo_rlp.models.spec`) walks the layers with the helpers here (`attention_on_rows`, and
+`prefill_states` / `store_prefill_states` for recurrent layers); this module names no architecture.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from typing import Optional
 
 import torch
 
+from nemo_rlp.models.spec import architecture_of
 from nemo_rlp.parallel import pipeline
 
 
 class RowCache:
-    """KV (post-RoPE) and Mamba state cache for `rows` rows of up to `max_positions` tokens each."""
+    """KV (post-RoPE) and recurrent-state cache for `rows` rows of up to `max_positions` tokens each."""
 
     def __init__(self, language_model: torch.nn.Module, rows: int, max_positions: int, device: torch.device):
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -44,12 +48,14 @@ class RowCache:
         self.max_len = 0  # a host-side bound on lengths.max(): no sync to size the attention
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        # Mamba states live in megatron's own static context, kept in decode mode: the mixer then
-        # runs its one-token state update on exactly the states stored here.
-        self.mamba = StaticInferenceContext(max_batch_size=rows, max_sequence_length=max_positions)
-        self.mamba.sequence_len_offset = 1
-        self.mamba.seqlen_offset = 1  # what the mixer reads (MambaStack.forward sets it, mamba_block.py:287)
-        self.mamba.enable_decode_mode()
+        self.capacity = rows  # cache rows allocated (rows may shrink below it by compaction)
+        # Recurrent states (Mamba's conv and SSM states) live in megatron's own static context, keyed
+        # by layer number, one tuple of tensors with the row first per layer; kept in decode mode, so
+        # a Mamba mixer runs its one-token state update on exactly the states stored here.
+        self.states = StaticInferenceContext(max_batch_size=rows, max_sequence_length=max_positions)
+        self.states.sequence_len_offset = 1
+        self.states.seqlen_offset = 1  # what the mixer reads (MambaStack.forward sets it, mamba_block.py:287)
+        self.states.enable_decode_mode()
         rotary = getattr(language_model, "rotary_pos_emb", None)
         self.freqs = None
         if getattr(language_model, "position_embedding_type", None) == "rope" and rotary is not None:
@@ -71,17 +77,18 @@ class RowCache:
                 moved = buffer[index, :, : self.max_len]
                 buffer[:kept, :, : self.max_len] = moved
                 self.compaction_bytes += moved.numel() * moved.element_size()
-        for layer, (conv, ssm) in list(self.mamba.key_value_memory_dict.items()):
-            self.mamba.key_value_memory_dict[layer] = (conv[index].contiguous(), ssm[index].contiguous())
-            self.compaction_bytes += (conv[index].numel() + ssm[index].numel()) * conv.element_size()
+        for layer, states in list(self.states.key_value_memory_dict.items()):
+            kept_states = tuple(t[index].contiguous() for t in states)
+            self.states.key_value_memory_dict[layer] = kept_states
+            self.compaction_bytes += sum(t.numel() * t.element_size() for t in kept_states)
         self.lengths = self.lengths[index].clone()
         self.rows = kept
 
     def row_bytes(self) -> int:
         """Bytes of one row's cache (all layers, all positions allocated)."""
         total = sum(b[0].numel() * b.element_size() for store in (self.keys, self.values) for b in store.values())
-        for conv, ssm in self.mamba.key_value_memory_dict.values():
-            total += (conv[0].numel() + ssm[0].numel()) * conv.element_size()
+        for states in self.states.key_value_memory_dict.values():
+            total += sum(t[0].numel() * t.element_size() for t in states)
         return total
 
     # ---- attention ------------------------------------------------------------------------------
@@ -140,11 +147,12 @@ class RowCache:
         return attention.linear_proj(out)
 
 
-def _attention_layer(layer: torch.nn.Module, hidden: torch.Tensor, cache: RowCache, capacity: int):
-    """megatron TransformerLayer._forward_attention + _forward_mlp, with the attention on `cache`."""
+def attention_on_rows(layer: torch.nn.Module, hidden: torch.Tensor, cache: RowCache) -> torch.Tensor:
+    """megatron TransformerLayer._forward_attention + _forward_mlp, with the attention on `cache`
+    (a family's `CacheOps.row_layers` calls it for each of its attention layers)."""
     residual = hidden
     normed = layer.input_layernorm(hidden)
-    attention_out = cache.attend(layer.self_attention, normed, capacity)
+    attention_out = cache.attend(layer.self_attention, normed, cache.capacity)
     with layer.bias_dropout_add_exec_handler():
         hidden = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
             attention_out, residual, layer.hidden_dropout
@@ -152,43 +160,25 @@ def _attention_layer(layer: torch.nn.Module, hidden: torch.Tensor, cache: RowCac
     return layer._forward_mlp(hidden)
 
 
-def _run_layers(language_model: torch.nn.Module, hidden: torch.Tensor, cache: RowCache) -> torch.Tensor:
-    from megatron.core.transformer.attention import Attention
-    from megatron.core.transformer.transformer_layer import TransformerLayer
+def prefill_states(cache: RowCache, hidden: torch.Tensor):
+    """The context a prefill's recurrent layers run in (None in a decode step): the context is run at
+    batch 1 in a context of its own, whose states `store_prefill_states` then writes into its G rows."""
+    if cache.prefill_rows is None:
+        return None
+    from megatron.core.inference.contexts import StaticInferenceContext
 
-    batch = hidden.shape[1]
-    prefill = None
-    if cache.prefill_rows is not None:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        # The context's Mamba prefill runs at batch 1 in its own context; its states are then
-        # written into the G rows.
-        prefill = StaticInferenceContext(max_batch_size=batch, max_sequence_length=hidden.shape[0])
-        prefill.seqlen_offset = 0
-    for layer in language_model.decoder.layers:
-        if isinstance(layer, TransformerLayer) and isinstance(layer.self_attention, Attention):
-            hidden = _attention_layer(layer, hidden, cache, cache.mamba.max_batch_size)
-        elif isinstance(layer, TransformerLayer):  # an MLP-only layer of a hybrid stack
-            hidden, _ = layer(hidden_states=hidden, attention_mask=None)
-        else:  # a Mamba layer
-            mixer = layer.mixer
-            if prefill is not None:
-                hidden = layer(hidden, inference_context=prefill)
-                _store_mamba_prefill(cache, mixer.layer_number, prefill.key_value_memory_dict[mixer.layer_number])
-            else:
-                mixer.cached_batch_size = batch  # megatron re-zeroes states when this differs
-                hidden = layer(hidden, inference_context=cache.mamba)
-    return hidden
+    prefill = StaticInferenceContext(max_batch_size=hidden.shape[1], max_sequence_length=hidden.shape[0])
+    prefill.seqlen_offset = 0
+    return prefill
 
 
-def _store_mamba_prefill(cache: RowCache, layer: int, states: tuple) -> None:
-    conv, ssm = states
-    store = cache.mamba.key_value_memory_dict
+def store_prefill_states(cache: RowCache, layer: int, states: tuple) -> None:
+    """Write one layer's prefill states (tensors with the row first) into the prefilled rows."""
+    store = cache.states.key_value_memory_dict
     if layer not in store:
-        capacity = cache.mamba.max_batch_size
-        store[layer] = (conv.new_zeros(capacity, *conv.shape[1:]), ssm.new_zeros(capacity, *ssm.shape[1:]))
-    store[layer][0][cache.prefill_rows] = conv
-    store[layer][1][cache.prefill_rows] = ssm
+        store[layer] = tuple(t.new_zeros(cache.capacity, *t.shape[1:]) for t in states)
+    for buffer, state in zip(store[layer], states):
+        buffer[cache.prefill_rows] = state
 
 
 @torch.no_grad()
@@ -202,7 +192,8 @@ def row_cached_logits(language_model: torch.nn.Module, tokens: torch.Tensor, cac
     else:
         positions = torch.arange(s, device=tokens.device).unsqueeze(0)
     hidden = _stage_input(language_model, tokens, positions)
-    hidden = _run_layers(language_model, hidden, cache)
+    # The stage's layers, each on its own kind of state: the architecture's walk (nemo_rlp.models.spec).
+    hidden = architecture_of(language_model).cache.row_layers(language_model, hidden, cache)
     if cache.prefill_rows is None:
         cache.lengths[:b] += 1
         cache.max_len += 1

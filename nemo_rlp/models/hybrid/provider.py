@@ -1,6 +1,7 @@
 """megatron-core MambaModel provider: hybrid Mamba-Transformer models (Nemotron-H class).
 
-A `ModelConfig` with `arch: hybrid` in, a (possibly tensor-parallel) `MambaModel` out. The layer
+The provider of the hybrid family (`nemo_rlp.models.hybrid`, which declares the rest of the
+architecture): a `ModelConfig` with `arch: hybrid` in, a (possibly tensor-parallel) `MambaModel` out. The layer
 pattern (`hybrid_override_pattern`) has one symbol per layer: 'M' a Mamba-2 mixer layer, '*' a
 self-attention layer, '-' an MLP layer.
 
@@ -17,6 +18,8 @@ Layer specs:
 
 The Mamba mixer's fused kernels (mamba-ssm, causal-conv1d, Triton) are replaced by the pure-torch
 ones in `nemo_rlp.models.mamba_cpu_kernels` when they are not usable; `build_hybrid` installs them.
+(megatron and `nemo_rlp.models.attention`, which imports megatron, are imported inside functions: the
+package is imported, and the config validated, before megatron-core is.)
 
 Initialisation is independent of the tensor-parallel layout, as for the GPT provider. Embeddings,
 attention, MLP and the mixer's out-projection honour `use_cpu_initialization` (full weights from one
@@ -36,22 +39,12 @@ import math
 
 import torch
 
-from nemo_rlp.config import ModelConfig
 from nemo_rlp.models import mamba_cpu_kernels
-from nemo_rlp.models.gpt import pipeline_stage, transformer_config
+from nemo_rlp.models.common import pipeline_stage, transformer_config
+from nemo_rlp.models.spec import ModelConfigLike
 
 
-def use_transformer_engine() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def hybrid_transformer_config(cfg: ModelConfig, tensor_parallel: int, sequence_parallel: bool = False):
+def hybrid_transformer_config(cfg: ModelConfigLike, tensor_parallel: int, sequence_parallel: bool = False):
     return transformer_config(
         cfg,
         tensor_parallel,
@@ -84,7 +77,7 @@ def _local_mamba_stack_class():
     return LocalMambaStack
 
 
-def local_stack_spec(cfg: ModelConfig):
+def local_stack_spec(cfg: ModelConfigLike, config=None):
     """The hybrid stack spec from megatron-core modules only (runs on CPU)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.ssm.mamba_block import MambaStackSubmodules
@@ -158,7 +151,7 @@ def local_stack_spec(cfg: ModelConfig):
     )
 
 
-def te_stack_spec(cfg: ModelConfig):
+def te_stack_spec(cfg: ModelConfigLike, config=None):
     """megatron's Transformer Engine hybrid spec, with the configured chunk size and QK norms."""
     from megatron.core.extensions.transformer_engine import TENorm
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
@@ -173,23 +166,22 @@ def te_stack_spec(cfg: ModelConfig):
     return spec
 
 
-def hybrid_stack_spec(cfg: ModelConfig):
-    return te_stack_spec(cfg) if use_transformer_engine() else local_stack_spec(cfg)
-
-
-def build_hybrid(cfg: ModelConfig, vocab_size: int, tensor_parallel: int, device: torch.device,
-                 sequence_parallel: bool = False):
-    """Build the MambaModel for this rank's shard. `vocab_size` is the padded model vocabulary."""
+def build_hybrid(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, device: torch.device,
+                 sequence_parallel: bool, layer_spec):
+    """Build the MambaModel for this rank's shard. `vocab_size` is the padded model vocabulary;
+    `layer_spec(cfg, config)` the stack spec `build_model` chose (`te_stack_spec` or
+    `local_stack_spec`)."""
     # Before megatron's mamba modules are imported: the mixer module needs triton otherwise.
     mamba_cpu_kernels.install()
     from megatron.core.models.mamba import MambaModel
 
     first, last, _ = pipeline_stage()
+    config = hybrid_transformer_config(cfg, tensor_parallel, sequence_parallel)
     model = MambaModel(
         pre_process=first,
         post_process=last,
-        config=hybrid_transformer_config(cfg, tensor_parallel, sequence_parallel),
-        mamba_stack_spec=hybrid_stack_spec(cfg),
+        config=config,
+        mamba_stack_spec=layer_spec(cfg, config),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         hybrid_override_pattern=cfg.hybrid_override_pattern,
