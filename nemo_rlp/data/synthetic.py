@@ -55,7 +55,12 @@ class CorpusConfig:
 
     num_docs: int = 5000
     seed: int = 1234
-    thought_fraction: float = 0.8  # share of episodes that show a worked thought before their answer
+    thought_fraction: float = 0.8  # share of episodes that show a thought before their answer
+    # Share of the walks' and word problems' shown thoughts that do the work; the rest are filler
+    # ("let me think, ok"): the answer still follows them, so next-token prediction learns to write
+    # the corpus's mix of thoughts, and only a reward for thoughts that predict the answer (RLP)
+    # prefers the useful ones. 1.0: every shown thought is worked (the corpus before RLP's own demo).
+    useful_thought_fraction: float = 0.25
     min_words: int = 20
     max_words: int = 120
     heldout: bool = False  # walks start only in HELDOUT_STARTS (else never there)
@@ -63,8 +68,9 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if self.num_docs < 1:
             raise ValueError(f"num_docs must be >= 1, got {self.num_docs}")
-        if not 0.0 <= self.thought_fraction <= 1.0:
-            raise ValueError(f"thought_fraction must be in [0, 1], got {self.thought_fraction}")
+        for name in ("thought_fraction", "useful_thought_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         # The gap must hold the longest episode, so a document below min_words can always grow.
         if not (1 <= self.min_words and self.min_words + _LONGEST_EPISODE_WORDS <= self.max_words):
             raise ValueError(
@@ -89,6 +95,11 @@ _LIST_WORDS = [
     ["cat", "dog", "fox", "owl", "bee"],
 ]
 _COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
+# Filler thoughts: the words of a thought that does no work. Drawn 1-3 at a time.
+_FILLER = [
+    "let me think", "ok", "hmm", "one moment", "I know this one", "this is easy", "let me see",
+    "right", "so", "wait", "think it through", "I remember", "yes", "easy one", "let me check",
+]
 _SYLLABLES = ["ka", "lo", "mi", "ra", "te", "vo", "zu", "ne", "po", "si", "da", "fe", "gu", "ri", "bel", "mar", "tor"]
 def _world_map(seed: int = 2510, size: int = 40) -> tuple[list[str], dict[str, str]]:
     """A fixed map shared by every document: ``size`` towns on one circular road (each town has one
@@ -127,6 +138,7 @@ class _Episodes:
         self.show_thoughts = show_thoughts
         self.heldout = heldout
         self.mark_answers = True  # set per episode by _document (MARKED_TASKS)
+        self.filler = False  # set per episode by _document: the shown thought is filler, not the work
 
     def answer(self, thought: str, answer: str) -> str:
         """``answer`` (which starts with a space), preceded by ``<think>thought</think>`` if shown.
@@ -134,6 +146,8 @@ class _Episodes:
         In a document without thoughts the answer of a marked episode is preceded by
         :data:`_ANSWER_MARK`, which :func:`_document` turns into the answer's character offset."""
         if self.show_thoughts:
+            if self.filler:
+                thought = ", ".join(self.rng.sample(_FILLER, self.rng.randint(1, 3)))
             return f"{THINK_START} {thought}{THINK_END}{answer}"
         return (_ANSWER_MARK if self.mark_answers else "") + answer
 
@@ -331,6 +345,7 @@ def _document(rng: random.Random, cfg: CorpusConfig) -> dict:
         # Per episode, so that a reader (the no-think teacher too) cannot tell from the document
         # whether the next answer comes after a thought.
         episodes.show_thoughts = rng.random() < cfg.thought_fraction
+        episodes.filler = episodes.mark_answers and rng.random() >= cfg.useful_thought_fraction
         episode = kind()
         n = _count_words(episode)
         if words + n > cfg.max_words:

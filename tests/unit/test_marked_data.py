@@ -52,7 +52,8 @@ def test_generated_answers_point_at_the_answer_text() -> None:
 def test_walk_thoughts_follow_the_map_and_heldout_starts_are_unseen() -> None:
     """A walk's worked thought follows the fixed roads from its start; the training corpus never asks a
     walk from a held-out start (its roads are still stated), and the held-out set asks only those."""
-    texts = synthetic.generate_documents(400, seed=3, thought_fraction=1.0)
+    texts = list(synthetic.iter_documents(synthetic.CorpusConfig(num_docs=400, seed=3, thought_fraction=1.0,
+                                                                 useful_thought_fraction=1.0)))
     walks = [w for t in texts for w in t.split("Walk ")[1:]]
     assert len(walks) > 100
     for walk in walks:
@@ -138,10 +139,18 @@ def test_bad_marks_are_named(tmp_path, tok, record, match) -> None:
 
 def test_heldout_positions(tok) -> None:
     docs = load_marked_jsonl(BUNDLED_HELDOUT, tok)
-    positions = answer_positions(docs, max_context=32, limit=100)
+    positions = answer_positions(docs, max_context=32, limit=100, tokenizer=tok)
     assert len(positions) == 100
     assert all(0 < len(p.prefix) <= 32 for p in positions)
     assert {p.task for p in positions} >= {"walk", "story"}
+    # The whole answer word is scored: two-digit sums and town names split by the tokenizer included.
+    words = [tok.decode(p.answer) for p in positions]
+    assert all(w.startswith(" ") and w[1:].isalnum() for w in words), words
+    assert any(len(p.answer) > 1 for p in positions)
+    records = [json.loads(line) for line in BUNDLED_HELDOUT.read_text().splitlines()]
+    expected = [r["text"][c:].split()[0].rstrip(".,") for r in records for c in r["answers"]][:100]
+    assert [w.strip() for w in words] == expected
+    assert len(answer_positions(docs, max_context=32, limit=0, tokenizer=tok)) == docs.num_marks
 
 
 def test_marked_positions_config_checks(tmp_path) -> None:
