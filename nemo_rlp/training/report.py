@@ -266,6 +266,8 @@ def _evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
             f"{_percent(b0)} with no thought and {_percent(b1)} with a sampled thought "
             f"({_points(_difference(b1, b0))} points).",
             "",
+            _what_rlp_changed(before, evaluation),
+            "",
         ]
     by_task = evaluation.get("by_task") or {}
     if by_task:
@@ -298,6 +300,21 @@ def _evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
             )
         md.append("")
     return md
+
+
+def _what_rlp_changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """One plain sentence: the held-out figures at the end against the end of the warm-up, and whether
+    the change is larger than twice its standard error (the two evaluations' errors combined)."""
+    parts = []
+    for key, name in (("with_thought", "with a sampled thought"), ("no_think", "with no thought")):
+        a, b = before[key], after[key]
+        delta = b["accuracy"] - a["accuracy"]
+        se = (a.get("accuracy_stderr", 0.0) ** 2 + b.get("accuracy_stderr", 0.0) ** 2) ** 0.5
+        verdict = "more than twice its standard error" if abs(delta) > 2 * se > 0 else "within noise"
+        parts.append(f"accuracy {name} went from {_percent(a['accuracy'])} to {_percent(b['accuracy'])} "
+                     f"({_points(delta)}, {verdict})")
+    return ("**What the steps after the warm-up changed** (RLP steps and the NTP steps between them): "
+            + "; ".join(parts) + ". `bench/science.py` compares this with the same compute spent on NTP alone.")
 
 
 def _yes_no(value: Any) -> str:
