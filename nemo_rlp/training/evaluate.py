@@ -223,7 +223,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
     seeds = result.get("thought_seeds", 1)
 
     def pm(figure: dict, key: str, scale: float, fmt: str) -> str:
-        return f"{scale * figure[key]:{fmt}} ± {scale * figure.get(key + '_stderr', 0.0):.1f}"
+        digits = 1 if scale != 1 else 3
+        return f"{scale * figure[key]:{fmt}} ± {scale * figure.get(key + '_stderr', 0.0):.{digits}f}"
 
     lines = [
         f"evaluation on {result['num_positions']} held-out answer positions (whole answers; ± standard error):",
