@@ -32,9 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--thought-fraction", type=float, default=_DEFAULTS.thought_fraction)
     parser.add_argument("--useful-thought-fraction", type=float, default=_DEFAULTS.useful_thought_fraction)
+    parser.add_argument("--wrong-thought-fraction", type=float, default=_DEFAULTS.wrong_thought_fraction)
+    parser.add_argument("--marked-tasks", default=",".join(_DEFAULTS.marked_tasks))
     args = parser.parse_args(argv)
     cfg = CorpusConfig(num_docs=args.num_docs, seed=args.seed, thought_fraction=args.thought_fraction,
-                       useful_thought_fraction=args.useful_thought_fraction)
+                       useful_thought_fraction=args.useful_thought_fraction,
+                       wrong_thought_fraction=args.wrong_thought_fraction,
+                       marked_tasks=tuple(args.marked_tasks.split(",")))
     corpus, tokenizer = build_tiny_corpus(args.out_dir, cfg, vocab_size=args.vocab_size)
     for path in (corpus, tokenizer):
         print(f"wrote {path} ({path.stat().st_size} bytes)")

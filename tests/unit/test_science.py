@@ -24,7 +24,7 @@ def test_most_shown_thoughts_are_filler_and_the_answer_still_follows() -> None:
     thoughts = _walk_thoughts(synthetic.CorpusConfig(num_docs=400, seed=5, thought_fraction=1.0))
     worked = [t for t in thoughts if " -> " in t]
     assert len(thoughts) > 200
-    assert 0.15 < len(worked) / len(thoughts) < 0.35  # useful_thought_fraction = 0.25
+    assert 0.4 < len(worked) / len(thoughts) < 0.6  # useful_thought_fraction = 0.5
     fillers = {f.strip() for t in thoughts if " -> " not in t for f in t.split(",")}
     assert fillers <= set(synthetic._FILLER)
     # A corpus of worked thoughts only is still one setting away.
@@ -33,6 +33,26 @@ def test_most_shown_thoughts_are_filler_and_the_answer_still_follows() -> None:
     assert all(" -> " in t for t in all_worked)
     with pytest.raises(ValueError, match="useful_thought_fraction"):
         synthetic.CorpusConfig(useful_thought_fraction=1.5)
+    with pytest.raises(ValueError, match="wrong_thought_fraction"):
+        synthetic.CorpusConfig(useful_thought_fraction=0.6, wrong_thought_fraction=0.5)
+
+
+def test_wrong_thoughts_slip_at_their_last_step_and_the_right_answer_follows() -> None:
+    cfg = synthetic.CorpusConfig(num_docs=300, seed=9, thought_fraction=1.0, useful_thought_fraction=0.0,
+                                 wrong_thought_fraction=1.0, marked_tasks=("walk", "story"))
+    texts = [r["text"] for r in synthetic.iter_records(cfg)]
+    walks = [w for t in texts for w in t.split("Walk ")[1:] if "<think>" in w]
+    assert len(walks) > 50
+    for walk in walks:
+        path = walk.split("<think> ")[1].split("</think>")[0].split(" -> ")
+        answer = walk.split("</think> ")[1].split(".")[0]
+        assert all(synthetic.ROADS[a] == b for a, b in zip(path[:-2], path[1:-1]))  # right until the last road
+        assert synthetic.ROADS[path[-2]] == answer != path[-1]
+    stories = [t.split("<think> ")[1] for t in texts for t in t.split("Now ")[1:] if " has<think> " in t]
+    assert len(stories) > 50
+    for story in stories:
+        thought, rest = story.split("</think> ")
+        assert int(thought.rpartition(" = ")[2]) != int(rest.split()[0])
 
 
 def test_the_cpt_arm_spends_the_rlp_steps_flops_on_ntp() -> None:
