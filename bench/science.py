@@ -1,6 +1,6 @@
 """Does RLP beat compute-matched continued pretraining (CPT) on the demo? Three seeds per arm.
 
-    python bench/science.py            # the demo's schedule, 3 seeds (about an hour on 2 cores)
+    python bench/science.py            # the demo's schedule, 3 seeds (about 45 minutes on 2 cores)
     python bench/science.py --quick    # shortened arms, one seed each (under 20 minutes on 2 cores)
     python bench/science.py --seeds 5 --out outputs/science -- rlp.grad_scale=0.5   # extra overrides
 
@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # The demo's schedule (conf/trainer/demo.yaml) and a shortened one for --quick.
-FULL = {"warmup": 2000, "rlp_cycles": 400, "seeds": [1234, 2345, 3456]}
+FULL = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234, 2345, 3456]}
 QUICK = {"warmup": 1200, "rlp_cycles": 150, "seeds": [1234]}
 COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
 
