@@ -29,9 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The demo's model, data, RLP and evaluation; a shorter schedule, fewer held-out positions.
 SHORTENED = [
-    "trainer.steps=1900",
-    "trainer.schedule.ntp_warmup_steps=1600",
-    "trainer.lr_decay_steps=1600",
+    "trainer.steps=1200",
+    "trainer.schedule.ntp_warmup_steps=1000",
+    "trainer.lr_decay_steps=1000",
     "eval.num_positions=128",
     "checkpoint.every_steps=0",
     "logging.tensorboard=false",
@@ -50,7 +50,7 @@ def test_shortened_demo_learns_to_think(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     rewards = [r["reward_mean"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "rlp"]
-    assert len(rewards) == 150
+    assert len(rewards) == 100
     first, last = first_and_last_fifth(rewards)
     assert last > 0, f"mean reward over the last fifth of RLP steps: {last:+.3f}"
     assert last > first, f"mean reward, first fifth {first:+.3f} -> last fifth {last:+.3f}"
@@ -75,7 +75,7 @@ def test_shortened_demo_learns_to_think(tmp_path: Path) -> None:
             assert image.format == "PNG" and image.size[0] > 100
     assert "with a sampled thought" in report and "Sampled thoughts" in report
     before = final["after_warmup"]
-    assert before["step"] == 1600  # the baseline when the warm-up ended
+    assert before["step"] == 1000  # the baseline when the warm-up ended
     assert think["accuracy"] > before["with_thought"]["accuracy"], (before["with_thought"], think)
     assert think["logprob"] > before["with_thought"]["logprob"], (before["with_thought"], think)
     assert "What the steps after the warm-up changed" in report
