@@ -97,7 +97,7 @@ def nemo_rlp_side(args):
     model = PolicyWithTeacher(cfg, VOCAB, layout)
     policy = NoEnd(model.ddp)
     prefixes, targets = _workload(args)
-    params = SamplingParams(args.group, args.length, 0.7)
+    params = SamplingParams(args.group, args.length, 0.7, mode=args.rollout_mode)
 
     def step(seed):
         clock = _PhaseClock()
@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--rollout-mode", default="rows", help="this project's rollout path (rlp.rollout_mode)")
     parser.add_argument("--side", choices=["nemo-rlp", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -230,11 +231,13 @@ def main() -> None:
     for _ in range(args.trials):
         for side in results:  # interleaved: a load change on the machine hits both sides alike
             cmd = [sys.executable, __file__, "--side", side, "--context", str(args.context), "--contexts",
-                   str(args.contexts), "--group", str(args.group), "--length", str(args.length)]
+                   str(args.contexts), "--group", str(args.group), "--length", str(args.length),
+                   "--rollout-mode", args.rollout_mode]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             results[side].append(json.loads(out.strip().splitlines()[-1]))
 
-    print(f"\nwhole RLP step (teacher scoring, rollout with shared prefill, training forward + backward, Adam, "
+    print(f"\nwhole RLP step (teacher scoring, rollout: `{args.rollout_mode}` here, one prefill per context in the peer, "
+          "training forward + backward, Adam, "
           f"EMA): tiny_gpt, B={args.contexts} contexts of {args.context} tokens x G={args.group} thoughts of "
           f"L={args.length}; CPU, 1 thread, {args.trials} trials, medians")
     header = (f"{'side':<10} {'CPU seconds':>12} {'teacher':>8} {'rollout':>8} {'training':>9} "

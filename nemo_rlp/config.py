@@ -8,16 +8,23 @@ point and the tests both use it), so a bad value is rejected the same way everyw
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import difflib
+import math
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+# The allowed values of settings that other modules dispatch on are theirs, named once; these
+# modules import neither torch nor megatron-core, so validation still runs before either is loaded.
+from nemo_rlp.data.marked import POSITIONS
+from nemo_rlp.data.sources import FORMATS
+from nemo_rlp.rollout.modes import GPU_MODES as GPU_ROLLOUT_MODES
+from nemo_rlp.rollout.modes import MODES as ROLLOUT_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -277,6 +284,59 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------------------------
+# Keys and overrides: the command line's overrides are checked before Hydra composes them. Hydra
+# answers an unknown key with exit status 1 and the hint "use +key=value", which then fails the
+# schema check; check_overrides names the nearest valid key instead.
+# ------------------------------------------------------------------------------------------------
+
+
+def schema_keys(node: Any = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema ('trainer.steps', 'trainer.schedule.ntp_per_cycle')."""
+    keys = []
+    for f in fields(node):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys += schema_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def config_groups() -> set[str]:
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+
+
+def nearest_key(key: str) -> Optional[str]:
+    """The valid key a mistyped `key` most likely meant (None if nothing is close)."""
+    keys = schema_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
+    close = difflib.get_close_matches(key, keys + sorted(config_groups()), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_overrides(arguments: list[str]) -> None:
+    """Reject a `key=value` override whose key is in neither the schema nor the config groups,
+    naming the nearest valid key. Overrides Hydra owns (`hydra.*`, `+key`, `~key`) and option
+    flags are left to Hydra."""
+    keys = set(schema_keys())
+    groups = config_groups()
+    for argument in arguments:
+        if argument.startswith(("-", "+", "~")) or "=" not in argument:
+            continue
+        key = argument.split("=", 1)[0]
+        if key.startswith("hydra.") or key == "hydra" or key in keys or key in groups:
+            continue
+        if any(k.startswith(key + ".") for k in keys):  # a whole section, e.g. trainer.schedule={...}
+            continue
+        suggestion = nearest_key(key)
+        hint = f"did you mean {suggestion}?" if suggestion else "see nemo_rlp/config.py for the keys"
+        raise ConfigError(f"{argument!r}: there is no config key {key!r}; {hint}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading and validation
 # ------------------------------------------------------------------------------------------------
 
@@ -290,8 +350,6 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
         key = getattr(err, "full_key", None) or "?"
         hint = ""
         if "not in" in _first_line(err):  # an unknown key: name the one it most likely meant
-            from nemo_rlp.preflight import nearest_key
-
             suggestion = nearest_key(key)
             hint = f"; did you mean {suggestion}?" if suggestion else ""
         raise ConfigError(f"config key '{key}': {_first_line(err)}{hint}") from None
@@ -321,76 +379,110 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Reject every value that cannot run, before any work. Checks needing the world size or the
-    tokenizer live with the code that knows them (`nemo_rlp.parallel`, `nemo_rlp.models`)."""
-    m, d, r, t, p = cfg.model, cfg.data, cfg.rlp, cfg.trainer, cfg.parallel
+def _one_of(values: tuple[str, ...]) -> str:
+    """`'a', 'b' or 'c'`: a set of allowed values as the error messages write it."""
+    quoted = [repr(v) for v in values]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+PARAMS_DTYPES = ("fp32", "bf16")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+ACTIVATIONS = ("silu", "gelu", "relu", "squared_relu")
+LOGPROB_SOURCES = ("recompute", "sampler")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject every value that cannot run, before any work: each section on its own, then the checks
+    that relate sections. Checks needing the world size or the tokenizer live with the code that
+    knows them (`nemo_rlp.parallel`, `nemo_rlp.models`). The allowed values of a setting that another
+    module dispatches on are that module's (the data formats, the rollout modes, the RLP positions)."""
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_rlp(cfg.rlp)
+    _validate_trainer(cfg.trainer)
+    _validate_parallel(cfg.parallel)
+    _validate_logging(cfg.logging)
+    _validate_checkpoint(cfg.checkpoint)
+    _validate_eval(cfg.eval)
+    _validate_across_sections(cfg)
+
+
+def _at_least_one(section: str, node: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(node, key) < 1:
+            _fail(f"{section}.{key}", getattr(node, key), "an integer >= 1")
+
+
+def _validate_model(m: ModelConfig) -> None:
     if m.arch not in ("gpt", "hybrid"):
         _fail("model.arch", m.arch, "one of 'gpt', 'hybrid'")
     if not m.layernorm_epsilon > 0:
         _fail("model.layernorm_epsilon", m.layernorm_epsilon, "a float > 0")
-    mamba_heads = None
     if m.arch == "hybrid":
-        pattern = m.hybrid_override_pattern
-        if not pattern or set(pattern) - set("M*-"):
-            _fail(
-                "model.hybrid_override_pattern",
-                pattern,
-                "a string of 'M' (Mamba), '*' (attention) and '-' (MLP), one symbol per layer",
-            )
-        if len(pattern) != m.num_layers:
-            _fail("model.hybrid_override_pattern", pattern, f"one symbol per layer: {m.num_layers} (model.num_layers)")
-        for key in ("mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_chunk_size"):
-            if getattr(m, key) < 1:
-                _fail(f"model.{key}", getattr(m, key), "an integer >= 1")
-        if m.mamba_num_heads is not None and m.mamba_num_heads < 1:
-            _fail("model.mamba_num_heads", m.mamba_num_heads, "null (2 * hidden_size / mamba_head_dim) or >= 1")
-        if m.mamba_num_heads is None and (2 * m.hidden_size) % m.mamba_head_dim:
-            _fail("model.mamba_head_dim", m.mamba_head_dim, f"a divisor of 2 * model.hidden_size={2 * m.hidden_size}")
-        mamba_heads = m.mamba_num_heads or 2 * m.hidden_size // m.mamba_head_dim
-        if mamba_heads % m.mamba_num_groups:
-            _fail("model.mamba_num_groups", m.mamba_num_groups, f"a divisor of the Mamba head count {mamba_heads}")
+        _validate_hybrid_model(m)
     elif m.hybrid_override_pattern is not None:
         _fail("model.hybrid_override_pattern", m.hybrid_override_pattern, "null unless model.arch='hybrid'")
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
-        if getattr(m, key) < 1:
-            _fail(f"model.{key}", getattr(m, key), "an integer >= 1")
+    _at_least_one("model", m, ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"))
     if m.hidden_size % m.num_attention_heads:
-        _fail(
-            "model.hidden_size",
-            m.hidden_size,
-            f"a multiple of model.num_attention_heads={m.num_attention_heads}",
-        )
-    if m.num_query_groups is not None and (
-        m.num_query_groups < 1 or m.num_attention_heads % m.num_query_groups
-    ):
+        _fail("model.hidden_size", m.hidden_size, f"a multiple of model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups is not None and (m.num_query_groups < 1 or m.num_attention_heads % m.num_query_groups):
         _fail("model.num_query_groups", m.num_query_groups, "a divisor of model.num_attention_heads")
     if m.vocab_size is not None and m.vocab_size < 1:
         _fail("model.vocab_size", m.vocab_size, "null (from the tokenizer) or an integer >= 1")
-    if m.params_dtype not in ("fp32", "bf16"):
-        _fail("model.params_dtype", m.params_dtype, "'fp32' or 'bf16'")
-    if m.position_embedding_type not in ("rope", "learned_absolute", "none"):
-        _fail("model.position_embedding_type", m.position_embedding_type, "'rope', 'learned_absolute' or 'none'")
-    if m.normalization not in ("RMSNorm", "LayerNorm"):
-        _fail("model.normalization", m.normalization, "'RMSNorm' or 'LayerNorm'")
-    if m.activation not in ("silu", "gelu", "relu", "squared_relu"):
-        _fail("model.activation", m.activation, "one of 'silu', 'gelu', 'relu', 'squared_relu'")
+    for key, allowed in (("params_dtype", PARAMS_DTYPES), ("position_embedding_type", POSITION_EMBEDDINGS),
+                         ("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS)):
+        if getattr(m, key) not in allowed:
+            _fail(f"model.{key}", getattr(m, key), _one_of(allowed))
 
+
+def mamba_heads(m: ModelConfig) -> int:
+    """The Mamba head count of a hybrid model: explicit, or 2 * hidden_size / mamba_head_dim."""
+    return m.mamba_num_heads or 2 * m.hidden_size // m.mamba_head_dim
+
+
+def _validate_hybrid_model(m: ModelConfig) -> None:
+    pattern = m.hybrid_override_pattern
+    if not pattern or set(pattern) - set("M*-"):
+        _fail("model.hybrid_override_pattern", pattern,
+              "a string of 'M' (Mamba), '*' (attention) and '-' (MLP), one symbol per layer")
+    if len(pattern) != m.num_layers:
+        _fail("model.hybrid_override_pattern", pattern, f"one symbol per layer: {m.num_layers} (model.num_layers)")
+    _at_least_one("model", m, ("mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mamba_chunk_size"))
+    if m.mamba_num_heads is not None and m.mamba_num_heads < 1:
+        _fail("model.mamba_num_heads", m.mamba_num_heads, "null (2 * hidden_size / mamba_head_dim) or >= 1")
+    if m.mamba_num_heads is None and (2 * m.hidden_size) % m.mamba_head_dim:
+        _fail("model.mamba_head_dim", m.mamba_head_dim, f"a divisor of 2 * model.hidden_size={2 * m.hidden_size}")
+    if mamba_heads(m) % m.mamba_num_groups:
+        _fail("model.mamba_num_groups", m.mamba_num_groups, f"a divisor of the Mamba head count {mamba_heads(m)}")
+
+
+def _validate_data(d: DataConfig) -> None:
     if d.min_context < 1:
         _fail("data.min_context", d.min_context, "an integer >= 1 (x_t needs at least one token before it)")
     if d.max_context < d.min_context:
         _fail("data.max_context", d.max_context, f"an integer >= data.min_context={d.min_context}")
-    if d.ntp_seq_len < 1:
-        _fail("data.ntp_seq_len", d.ntp_seq_len, "an integer >= 1")
+    _at_least_one("data", d, ("ntp_seq_len",))
     if d.tokenizer is not None and not Path(d.tokenizer).is_file():
         _fail("data.tokenizer", d.tokenizer, "an existing file (or null for the bundled one)")
-    if d.format not in ("jsonl", "text", "indexed"):
-        _fail("data.format", d.format, "'jsonl', 'text' or 'indexed'")
-    if d.positions_per_document < 1:
-        _fail("data.positions_per_document", d.positions_per_document, "an integer >= 1")
+    if d.format not in FORMATS:
+        _fail("data.format", d.format, _one_of(FORMATS))
+    _at_least_one("data", d, ("positions_per_document",))
     if d.logprob_band is not None and not (len(d.logprob_band) == 2 and d.logprob_band[0] < d.logprob_band[1]):
         _fail("data.logprob_band", d.logprob_band, "null (off) or [low, high] with low < high (log-probs, <= 0)")
+    for key, path in _data_sources(d):
+        _validate_source(key, path, d.format)
+    if d.rlp_positions not in POSITIONS:
+        _fail("data.rlp_positions", d.rlp_positions, _one_of(POSITIONS))
+    if d.rlp_positions == "marked" and (d.format != "jsonl" or d.blend):
+        _fail("data.rlp_positions", d.rlp_positions,
+              "'uniform' with this data: marked positions need one JSON-lines corpus (data.format=jsonl, no blend)")
+
+
+def _data_sources(d: DataConfig) -> list[tuple[str, str]]:
+    """(key, path) of every corpus the data section names: `data.corpus`, or each `data.blend` entry."""
     sources = [("data.corpus", d.corpus)] if d.corpus is not None else []
     if d.blend is not None:
         if d.corpus is not None or not d.blend:
@@ -402,20 +494,26 @@ def validate(cfg: RunConfig) -> None:
             sources.append((f"data.blend[{i}]", item[1]))
     elif d.format != "jsonl" and d.corpus is None:
         _fail("data.corpus", d.corpus, f"a path for data.format={d.format!r} (only the bundled JSONL is built in)")
-    for key, path in sources:
-        if d.format != "indexed":
-            if not Path(path).is_file():
-                bundled = " (or null for the bundled one)" if key == "data.corpus" else ""
-                _fail(key, path, f"an existing file{bundled}")
-            continue
-        stem, dot_suffix = path[:-4], path[-4:]
-        if dot_suffix in (".bin", ".idx") and Path(stem + ".bin").is_file() and Path(stem + ".idx").is_file():
-            _fail(key, path, f"the path prefix of an indexed dataset, without {dot_suffix}: {key}={stem}")
-        for suffix in (".bin", ".idx"):
-            if not Path(path + suffix).is_file():
-                _fail(key, path, f"the path prefix of an indexed dataset, but {path}{suffix} does not exist "
-                      "(build it with recipes/preprocess_data.py)")
+    return sources
 
+
+def _validate_source(key: str, path: str, fmt: str) -> None:
+    """A file for `jsonl` and `text`; for `indexed`, the path prefix of an existing PREFIX.bin + PREFIX.idx."""
+    if fmt != "indexed":
+        if not Path(path).is_file():
+            bundled = " (or null for the bundled one)" if key == "data.corpus" else ""
+            _fail(key, path, f"an existing file{bundled}")
+        return
+    stem, dot_suffix = path[:-4], path[-4:]
+    if dot_suffix in (".bin", ".idx") and Path(stem + ".bin").is_file() and Path(stem + ".idx").is_file():
+        _fail(key, path, f"the path prefix of an indexed dataset, without {dot_suffix}: {key}={stem}")
+    for suffix in (".bin", ".idx"):
+        if not Path(path + suffix).is_file():
+            _fail(key, path, f"the path prefix of an indexed dataset, but {path}{suffix} does not exist "
+                  "(build it with recipes/preprocess_data.py)")
+
+
+def _validate_rlp(r: RLPConfig) -> None:
     if r.group_size < 2:
         _fail("rlp.group_size", r.group_size, "G >= 2 (the group-relative advantage divides by G-1)")
     if r.max_thought_len < 1:
@@ -434,10 +532,9 @@ def validate(cfg: RunConfig) -> None:
         _fail("rlp.eps_high", r.eps_high, "a float >= 0")
     if r.kl_beta < 0:
         _fail("rlp.kl_beta", r.kl_beta, "a float >= 0 (0 turns the KL term off)")
-    if r.contexts_per_step < 1:
-        _fail("rlp.contexts_per_step", r.contexts_per_step, "an integer >= 1")
-    if r.rollout_mode not in ("rows", "shared_prefill", "cache", "recompute", "dynamic"):
-        _fail("rlp.rollout_mode", r.rollout_mode, "'rows', 'shared_prefill', 'cache', 'recompute' or 'dynamic' (GPU)")
+    _at_least_one("rlp", r, ("contexts_per_step",))
+    if r.rollout_mode not in ROLLOUT_MODES + GPU_ROLLOUT_MODES:
+        _fail("rlp.rollout_mode", r.rollout_mode, _one_of(ROLLOUT_MODES + GPU_ROLLOUT_MODES) + " (GPU)")
     if r.num_minibatches < 1:
         _fail("rlp.num_minibatches", r.num_minibatches, "an integer >= 1 (paper: 1)")
     if r.num_minibatches > r.contexts_per_step:
@@ -447,24 +544,16 @@ def validate(cfg: RunConfig) -> None:
     for key in ("micro_batch_rows", "rollout_batch_contexts", "score_batch_windows"):
         if getattr(r, key) < 0:
             _fail(f"rlp.{key}", getattr(r, key), "an integer >= 0 (0: all at once)")
-    if r.logprob_source not in ("recompute", "sampler"):
-        _fail("rlp.logprob_source", r.logprob_source, "'recompute' or 'sampler'")
+    if r.logprob_source not in LOGPROB_SOURCES:
+        _fail("rlp.logprob_source", r.logprob_source, _one_of(LOGPROB_SOURCES))
     if r.think_start == r.think_end or not r.think_start or not r.think_end:
         _fail("rlp.think_end", r.think_end, "a non-empty marker different from rlp.think_start")
+    if not (r.grad_scale > 0 and math.isfinite(r.grad_scale)):
+        _fail("rlp.grad_scale", r.grad_scale, "a finite number > 0 (1.0: RLP gradients as they are)")
 
-    # The longest RLP row: context, start marker, thought (an end marker is inserted when it hits L),
-    # end marker, x_t.
-    longest = d.max_context + 1 + r.max_thought_len + 1 + 1
-    if m.max_sequence_length < max(longest, d.ntp_seq_len):
-        _fail(
-            "model.max_sequence_length",
-            m.max_sequence_length,
-            f">= data.max_context + rlp.max_thought_len + 3 = {longest} and >= data.ntp_seq_len="
-            f"{d.ntp_seq_len}",
-        )
 
-    if t.steps < 1:
-        _fail("trainer.steps", t.steps, "an integer >= 1")
+def _validate_trainer(t: TrainerConfig) -> None:
+    _at_least_one("trainer", t, ("steps",))
     if not t.lr > 0:
         _fail("trainer.lr", t.lr, "a float > 0")
     if t.weight_decay < 0:
@@ -484,70 +573,39 @@ def validate(cfg: RunConfig) -> None:
         _fail("trainer.min_lr", t.min_lr, f"a float in [0, trainer.lr={t.lr}]")
     if t.lr_decay_steps is not None and t.lr_decay_steps < 1:
         _fail("trainer.lr_decay_steps", t.lr_decay_steps, "null (every optimizer update of the run) or an integer >= 1")
-    if t.max_consecutive_skips < 1:
-        _fail("trainer.max_consecutive_skips", t.max_consecutive_skips, "an integer >= 1")
+    _at_least_one("trainer", t, ("max_consecutive_skips",))
     if t.clip_grad < 0:
         _fail("trainer.clip_grad", t.clip_grad, "a float >= 0 (0 turns clipping off)")
-    if t.ntp_batch_size < 1:
-        _fail("trainer.ntp_batch_size", t.ntp_batch_size, "an integer >= 1")
+    _at_least_one("trainer", t, ("ntp_batch_size",))
     if t.ntp_micro_batch_size < 0:
         _fail("trainer.ntp_micro_batch_size", t.ntp_micro_batch_size, "an integer >= 0 (0: one microbatch)")
     s = t.schedule
     if s.ntp_warmup_steps < 0:
         _fail("trainer.schedule.ntp_warmup_steps", s.ntp_warmup_steps, "an integer >= 0")
     if s.ntp_per_cycle < 0 or s.rlp_per_cycle < 0 or s.ntp_per_cycle + s.rlp_per_cycle < 1:
-        _fail(
-            "trainer.schedule.rlp_per_cycle",
-            s.rlp_per_cycle,
-            f"an integer >= 0 with ntp_per_cycle + rlp_per_cycle >= 1 (ntp_per_cycle={s.ntp_per_cycle})",
-        )
-    if t.lr_warmup_steps >= lr_decay_steps(cfg):
-        _fail(
-            "trainer.lr_warmup_steps",
-            t.lr_warmup_steps,
-            f"fewer than the decay horizon of {lr_decay_steps(cfg)} optimizer updates (trainer.lr_decay_steps, "
-            "or by default every update of the run)",
-        )
+        _fail("trainer.schedule.rlp_per_cycle", s.rlp_per_cycle,
+              f"an integer >= 0 with ntp_per_cycle + rlp_per_cycle >= 1 (ntp_per_cycle={s.ntp_per_cycle})")
 
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if getattr(p, key) < 1:
-            _fail(f"parallel.{key}", getattr(p, key), "an integer >= 1")
-    if p.backend not in ("auto", "gloo", "nccl"):
-        _fail("parallel.backend", p.backend, "'auto', 'gloo' or 'nccl'")
+
+def _validate_parallel(p: ParallelConfig) -> None:
+    _at_least_one("parallel", p, ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
+    if p.backend not in BACKENDS:
+        _fail("parallel.backend", p.backend, _one_of(BACKENDS))
     if p.sequence_parallel and p.tensor_model_parallel_size < 2:
         _fail("parallel.sequence_parallel", p.sequence_parallel,
               "false with parallel.tensor_model_parallel_size=1 (it splits sequences over TP ranks)")
-    if m.num_layers % p.pipeline_model_parallel_size:
-        _fail(
-            "parallel.pipeline_model_parallel_size",
-            p.pipeline_model_parallel_size,
-            f"a divisor of model.num_layers={m.num_layers} (each stage holds as many layers)",
-        )
-    if m.num_attention_heads % p.tensor_model_parallel_size:
-        _fail(
-            "parallel.tensor_model_parallel_size",
-            p.tensor_model_parallel_size,
-            f"a divisor of model.num_attention_heads={m.num_attention_heads}",
-        )
-    if mamba_heads is not None:
-        for key, count in (("mamba_num_heads", mamba_heads), ("mamba_num_groups", m.mamba_num_groups)):
-            if count % p.tensor_model_parallel_size:
-                _fail(
-                    "parallel.tensor_model_parallel_size",
-                    p.tensor_model_parallel_size,
-                    f"a divisor of model.{key}={count}",
-                )
 
-    if cfg.logging.log_every < 1:
-        _fail("logging.log_every", cfg.logging.log_every, "an integer >= 1")
-    if cfg.logging.show_thoughts < 0:
-        _fail("logging.show_thoughts", cfg.logging.show_thoughts, "an integer >= 0")
 
-    c = cfg.checkpoint
+def _validate_logging(lg: LoggingConfig) -> None:
+    _at_least_one("logging", lg, ("log_every",))
+    if lg.show_thoughts < 0:
+        _fail("logging.show_thoughts", lg.show_thoughts, "an integer >= 0")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
     if c.every_steps < 0:
         _fail("checkpoint.every_steps", c.every_steps, "an integer >= 0 (0: only at the end and on a signal)")
-    if c.keep_last < 1:
-        _fail("checkpoint.keep_last", c.keep_last, "an integer >= 1")
+    _at_least_one("checkpoint", c, ("keep_last",))
     if not c.save_timeout_s > 0:
         _fail("checkpoint.save_timeout_s", c.save_timeout_s, "a number of seconds > 0")
     if c.dir is not None and not str(c.dir).strip():
@@ -559,33 +617,46 @@ def validate(cfg: RunConfig) -> None:
         _fail("checkpoint.resume", c.resume, "'auto', 'never' or the path of an existing checkpoint directory")
     for i, name in enumerate(c.signals):
         if not isinstance(name, str) or name not in signal.Signals.__members__ or name in SIGNAL_NAMES_UNCATCHABLE:
-            _fail(
-                f"checkpoint.signals[{i}]",
-                name,
-                "the name of a catchable signal, e.g. 'SIGTERM' or 'SIGUSR1' (not SIGKILL or SIGSTOP)",
-            )
+            _fail(f"checkpoint.signals[{i}]", name,
+                  "the name of a catchable signal, e.g. 'SIGTERM' or 'SIGUSR1' (not SIGKILL or SIGSTOP)")
     if len(set(c.signals)) != len(c.signals):
         _fail("checkpoint.signals", c.signals, "each signal at most once")
 
-    # After the data checks above: these are about how the data is used.
-    if d.rlp_positions not in ("uniform", "marked"):
-        _fail("data.rlp_positions", d.rlp_positions, "'uniform' or 'marked'")
-    if d.rlp_positions == "marked" and (d.format != "jsonl" or d.blend):
-        _fail("data.rlp_positions", d.rlp_positions,
-              "'uniform' with this data: marked positions need one JSON-lines corpus (data.format=jsonl, no blend)")
-    if not (r.grad_scale > 0 and math.isfinite(r.grad_scale)):
-        _fail("rlp.grad_scale", r.grad_scale, "a finite number > 0 (1.0: RLP gradients as they are)")
-    e = cfg.eval
+
+def _validate_eval(e: EvalConfig) -> None:
     if e.num_positions < 0:
         _fail("eval.num_positions", e.num_positions, "an integer >= 0 (0: every marked position of eval.corpus)")
     if e.batch_contexts < 1 or e.thought_seeds < 1:
         _fail("eval.batch_contexts / eval.thought_seeds", (e.batch_contexts, e.thought_seeds), "integers >= 1")
+
+
+def _validate_across_sections(cfg: RunConfig) -> None:
+    """What no section can check alone: row lengths against the model, the learning-rate horizon,
+    the model's shapes against the parallel layout, the held-out set against the data."""
+    m, d, r, t, p = cfg.model, cfg.data, cfg.rlp, cfg.trainer, cfg.parallel
+    # The longest RLP row: context, start marker, thought (an end marker is inserted when it hits L),
+    # end marker, x_t.
+    longest = d.max_context + 1 + r.max_thought_len + 1 + 1
+    if m.max_sequence_length < max(longest, d.ntp_seq_len):
+        _fail("model.max_sequence_length", m.max_sequence_length,
+              f">= data.max_context + rlp.max_thought_len + 3 = {longest} and >= data.ntp_seq_len={d.ntp_seq_len}")
+    if t.lr_warmup_steps >= lr_decay_steps(cfg):
+        _fail("trainer.lr_warmup_steps", t.lr_warmup_steps,
+              f"fewer than the decay horizon of {lr_decay_steps(cfg)} optimizer updates (trainer.lr_decay_steps, "
+              "or by default every update of the run)")
+    if m.num_layers % p.pipeline_model_parallel_size:
+        _fail("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size,
+              f"a divisor of model.num_layers={m.num_layers} (each stage holds as many layers)")
+    divided = [("num_attention_heads", m.num_attention_heads)]
+    if m.arch == "hybrid":
+        divided += [("mamba_num_heads", mamba_heads(m)), ("mamba_num_groups", m.mamba_num_groups)]
+    for key, count in divided:
+        if count % p.tensor_model_parallel_size:
+            _fail("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size, f"a divisor of model.{key}={count}")
+    e = cfg.eval
     if e.enabled and e.corpus is None and (d.corpus is not None or d.blend or d.tokenizer is not None):
         _fail("eval.corpus", None, "a JSON-lines file with marked positions (nemo_rlp/data/marked.py): the bundled "
               "held-out set fits only the bundled corpus and tokenizer. Or turn the evaluation off: eval=none")
-
-
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
 def optimizer_updates(cfg: RunConfig) -> int:

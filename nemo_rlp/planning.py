@@ -25,7 +25,7 @@ Static (held the whole run; `nemo_rlp.training.policy`):
 
 Phases (transient; the peak is static + the largest phase + `reserve_gib` for the CUDA context, NCCL
 buffers, Transformer Engine workspaces and allocator fragmentation):
-1. teacher scoring (S_ema; `nemo_rlp.data.sampling.teacher_scorer`, all windows of a rank in one
+1. teacher scoring (S_ema; `nemo_rlp.training.steps.teacher_scorer`, all windows of a rank in one
    forward): ceil(b / `data.positions_per_document`) windows of c + 1 tokens through the fp32
    teacher; its logits [rows, c+1, V/TP] fp32 plus the transposed copy the log-prob takes (8 bytes per
    entry), and one layer's fp32 working set (the inference working set below, doubled).
@@ -409,7 +409,7 @@ def make_plan(
     """The plan of `cfg` on `hardware`; `counts` from `count_parameters` (at the layout's vocabulary).
     When it does not fit and `search_nodes`, also finds the smallest node count that would."""
     what_if.active()  # validates
-    m, r, d, t, p = cfg.model, cfg.rlp, cfg.data, cfg.trainer, cfg.parallel
+    r, t, p = cfg.rlp, cfg.trainer, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     from nemo_rlp.parallel.distributed import check_layout
 
@@ -417,127 +417,172 @@ def make_plan(
     for key, total in (("rlp.contexts_per_step", r.contexts_per_step), ("trainer.ntp_batch_size", t.ntp_batch_size)):
         if total < dp:
             raise ConfigError(f"{key}={total} is smaller than the data-parallel size {dp}: every rank needs one")
-    b = -(-r.contexts_per_step // dp)
-    G, L, c = r.group_size, r.max_thought_len, d.max_context
-    V = counts.vocab_size
-    dims = _dims(m)
-    kinds = layer_kinds(m)
+    work = _RankWork.of(cfg, counts, dp, what_if)
+    kinds = layer_kinds(cfg.model)
     per_stage = len(kinds) // pp
-    w_bytes = 2 if m.params_dtype == "bf16" else 4
-    tied = m.share_embeddings_and_output_weights
-
-    positions = c + 1 + L + 1  # the sampler's cache length: prompt (context + <think>), L thoughts, </think>
-    width = c + L + 2  # training inputs: row (context, <think>, thought, </think>, x_t) minus the last token
-    mb_contexts = r.micro_batch_contexts or b
-    ntp_rank = -(-t.ntp_batch_size // dp)
-    ntp_rows = t.ntp_micro_batch_size or ntp_rank
-    ntp_micro = -(-ntp_rank // ntp_rows)
-    windows = -(-b // d.positions_per_document)
-    teacher_rows = what_if.teacher_rows or r.score_batch_windows
-    if teacher_rows:
-        windows = min(windows, teacher_rows)
-    roll_contexts = min(b, what_if.rollout_chunk_contexts or r.rollout_batch_contexts or b)
-    R = roll_contexts * G  # rollout rows at once
-    train_rows = what_if.train_microbatch_rows or r.micro_batch_rows or mb_contexts * G
-    train_micro = -(-b * G // train_rows)
-
     stages = []
     for s in range(pp):
         stage_kinds = kinds[s * per_stage : (s + 1) * per_stage]
-        last = s == pp - 1
-        n_attn = sum(k in "*T" for k in stage_kinds)
-        n_mamba = stage_kinds.count("M")
-        params = counts.per_gpu(tp, pp, s, tied)
-        opt_bytes = 12 if m.params_dtype == "bf16" else 8
-        sharded = what_if.distributed_optimizer or p.distributed_optimizer
-        shards = dp if sharded else 1
-        static = [
-            (f"weights ({m.params_dtype})", params * w_bytes),
-            ("EMA teacher (fp32)", params * 4.0),
-            ("gradients (fp32 main grads)", params * 4.0),
-            (
-                f"optimizer (fp32 master + Adam m, v; {'sharded over DP=' + str(dp) if sharded else 'not sharded'})",
-                params * opt_bytes / shards,
-            ),
-        ]
-
-        # 1. teacher scoring
-        teacher_tokens = windows * (c + 1)
-        teacher = Phase(
-            "teacher scoring (S_ema)",
-            [("teacher working set (fp32)", teacher_tokens * inference_bytes_per_token(m, tp, stage_kinds, 4))]
-            + ([("teacher logits (fp32)", teacher_tokens * V / tp * LOGIT_BYTES_TEACHER)] if last else []),
-            note=f"{windows} windows x {c + 1} tokens per forward",
-            hint="Fewer windows per forward: more data-parallel replicas (sbatch --nodes) or a larger "
-            "data.positions_per_document.",
-        )
-
-        # 2. rollout
-        kv_layer = 2 * R * positions * (dims["kv_heads"] // tp) * dims["head_dim"] * w_bytes
-        ssm_layer = R * ((dims["conv_dim"] // tp) * 4 + dims["ssm_per_row"] // tp) * w_bytes
-        if r.rollout_mode == "recompute":
-            cache, copy, prefill_tokens = 0.0, 0.0, R * positions
-        else:
-            cache = n_attn * kv_layer + n_mamba * ssm_layer
-            copy = max(kv_layer / 2 if n_attn else 0.0, ssm_layer if n_mamba else 0.0)
-            # `rows` prefills one context at a time; `shared_prefill` a chunk's contexts at once.
-            prefill_tokens = {"rows": 1, "shared_prefill": roll_contexts}.get(r.rollout_mode, R) * (c + 1)
-        sampling = R * V * SAMPLING_BYTES_PER_ROW_AND_VOCAB
-        prefill = prefill_tokens * inference_bytes_per_token(m, tp, stage_kinds, w_bytes)
-        rollout_items = []
-        if n_attn:
-            rollout_items.append((f"KV cache ({n_attn} attention layers)", n_attn * kv_layer if cache else 0.0))
-        if n_mamba:
-            rollout_items.append((f"Mamba conv+SSM states ({n_mamba} layers)", n_mamba * ssm_layer if cache else 0.0))
-        if prefill >= sampling + copy:
-            rollout_items.append(("prefill working set", prefill))
-        else:
-            rollout_items += [("sampling buffers (full-vocab fp32)", sampling), ("cache row copy", copy)]
-        rollout = Phase(
-            "rollout",
-            rollout_items,
-            note=f"{R} rows (= {roll_contexts} contexts x G={G}) x {positions} positions",
-            hint="Fewer rows per rank: more data-parallel replicas (sbatch --nodes) cut rlp.contexts_per_step / DP; "
-            "a larger TP shards the KV and Mamba states (not the full-vocabulary sampling buffers).",
-        )
-
-        # 3./4. training microbatches
-        def training(rows: int, seq: int, microbatches: int, what: str, hint: str, scored: int = 0) -> Phase:
-            """`scored`: tokens per row that get logits (0: all; RLP rows: the thought and x_t only)."""
-            tokens = rows * seq
-            inflight = min(pp - s, microbatches)
-            layer_bytes = sum(training_bytes_per_token(k, m, tp, p.sequence_parallel) for k in stage_kinds)
-            items = [(f"activations ({len(stage_kinds)} layers, {inflight} microbatch(es) in flight)",
-                      tokens * layer_bytes * inflight)]
-            if last:
-                split = tp if p.sequence_parallel else 1
-                items.append(("final norm + output layer inputs", tokens * 2 * dims["h"] * 2 / split))
-                items.append(("logits + loss (bf16 + fp32 copies)", rows * (scored or seq) * V / tp * LOGIT_BYTES_TRAIN))
-            return Phase(what, items, note=f"microbatch {rows} rows x {seq} tokens, {microbatches} microbatch(es)",
-                         hint=hint)
-
-        rlp_train = training(
-            train_rows, width, train_micro, "RLP training microbatch",
-            f"A smaller microbatch: rlp.micro_batch_rows (now {r.micro_batch_rows}; 0 means whole groups "
-            f"of G={G} rows of {width} tokens), or a larger TP.",
-            # Packed rows make logits only where the loss reads them (nemo_rlp.training.packing.logits_at).
-            scored=L + 1 if r.pack_rows else 0,
-        )
-        ntp_train = training(
-            ntp_rows, d.ntp_seq_len, ntp_micro, "NTP training microbatch",
-            f"A smaller NTP microbatch: trainer.ntp_micro_batch_size (now {t.ntp_micro_batch_size}).",
-        )
-        stages.append(StageMemory(s, params, static, [teacher, rollout, rlp_train, ntp_train],
+        stage = _StagePlanner(cfg, work, s, stage_kinds)
+        params = counts.per_gpu(tp, pp, s, cfg.model.share_embeddings_and_output_weights)
+        phases = [stage.teacher_phase(), stage.rollout_phase(), stage.rlp_training_phase(), stage.ntp_training_phase()]
+        stages.append(StageMemory(s, params, _static_items(cfg, params, dp, what_if), phases,
                                   hardware.reserve_gib * GiB))
 
     plan = Plan(
         experiment=experiment, cfg=cfg, hardware=hardware, counts=counts, what_if=what_if,
-        tp=tp, pp=pp, dp=dp, contexts_per_rank=b, stages=stages,
+        tp=tp, pp=pp, dp=dp, contexts_per_rank=work.b, stages=stages,
     )
     _tokens_and_flops(plan)
     if search_nodes and not plan.fits:
         plan.fits_from_nodes = _smallest_fitting_nodes(cfg, hardware, counts, what_if)
     return plan
+
+
+@dataclass(frozen=True)
+class _RankWork:
+    """How much one data-parallel rank does in an RLP step and an NTP step, as the code splits it."""
+
+    b: int  # contexts per rank
+    V: int  # vocabulary
+    w_bytes: int  # bytes per weight (and per cached value) in the model's dtype
+    positions: int  # the sampler's cache length: prompt (context + <think>), L thoughts, </think>
+    width: int  # training inputs: row (context, <think>, thought, </think>, x_t) minus the last token
+    windows: int  # teacher windows per forward
+    roll_contexts: int  # contexts per rollout chunk
+    R: int  # rollout rows at once
+    train_rows: int  # RLP rows per training microbatch
+    train_micro: int  # RLP training microbatches
+    ntp_rows: int  # NTP rows per microbatch
+    ntp_micro: int  # NTP microbatches
+
+    @staticmethod
+    def of(cfg: RunConfig, counts: ParameterCounts, dp: int, what_if: WhatIf) -> _RankWork:
+        r, d, t = cfg.rlp, cfg.data, cfg.trainer
+        b = -(-r.contexts_per_step // dp)
+        G, L, c = r.group_size, r.max_thought_len, d.max_context
+        ntp_rank = -(-t.ntp_batch_size // dp)
+        ntp_rows = t.ntp_micro_batch_size or ntp_rank
+        windows = -(-b // d.positions_per_document)
+        teacher_rows = what_if.teacher_rows or r.score_batch_windows
+        if teacher_rows:
+            windows = min(windows, teacher_rows)
+        roll_contexts = min(b, what_if.rollout_chunk_contexts or r.rollout_batch_contexts or b)
+        train_rows = what_if.train_microbatch_rows or r.micro_batch_rows or (r.micro_batch_contexts or b) * G
+        return _RankWork(
+            b=b, V=counts.vocab_size, w_bytes=2 if cfg.model.params_dtype == "bf16" else 4,
+            positions=c + 1 + L + 1, width=c + L + 2, windows=windows, roll_contexts=roll_contexts,
+            R=roll_contexts * G, train_rows=train_rows, train_micro=-(-b * G // train_rows),
+            ntp_rows=ntp_rows, ntp_micro=-(-ntp_rank // ntp_rows),
+        )
+
+
+def _static_items(cfg: RunConfig, params: float, dp: int, what_if: WhatIf) -> list[tuple[str, float]]:
+    """What a GPU holds for the whole run: weights, the EMA teacher, gradients, the optimizer state."""
+    m = cfg.model
+    w_bytes = 2 if m.params_dtype == "bf16" else 4
+    opt_bytes = 12 if m.params_dtype == "bf16" else 8
+    sharded = what_if.distributed_optimizer or cfg.parallel.distributed_optimizer
+    shards = dp if sharded else 1
+    return [
+        (f"weights ({m.params_dtype})", params * w_bytes),
+        ("EMA teacher (fp32)", params * 4.0),
+        ("gradients (fp32 main grads)", params * 4.0),
+        (
+            f"optimizer (fp32 master + Adam m, v; {'sharded over DP=' + str(dp) if sharded else 'not sharded'})",
+            params * opt_bytes / shards,
+        ),
+    ]
+
+
+class _StagePlanner:
+    """The working memory of each phase of a step on pipeline stage `s` (layers `stage_kinds`)."""
+
+    def __init__(self, cfg: RunConfig, work: _RankWork, s: int, stage_kinds: str) -> None:
+        self.cfg, self.work, self.s, self.stage_kinds = cfg, work, s, stage_kinds
+        self.m, self.tp, self.pp = cfg.model, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+        self.last = s == self.pp - 1
+        self.dims = _dims(cfg.model)
+        self.n_attn = sum(k in "*T" for k in stage_kinds)
+        self.n_mamba = stage_kinds.count("M")
+
+    def teacher_phase(self) -> Phase:
+        """1. teacher scoring."""
+        w, c = self.work, self.cfg.data.max_context
+        teacher_tokens = w.windows * (c + 1)
+        return Phase(
+            "teacher scoring (S_ema)",
+            [("teacher working set (fp32)", teacher_tokens * inference_bytes_per_token(self.m, self.tp, self.stage_kinds, 4))]
+            + ([("teacher logits (fp32)", teacher_tokens * w.V / self.tp * LOGIT_BYTES_TEACHER)] if self.last else []),
+            note=f"{w.windows} windows x {c + 1} tokens per forward",
+            hint="Fewer windows per forward: more data-parallel replicas (sbatch --nodes) or a larger "
+            "data.positions_per_document.",
+        )
+
+    def rollout_phase(self) -> Phase:
+        """2. rollout."""
+        w, r, dims, tp, c = self.work, self.cfg.rlp, self.dims, self.tp, self.cfg.data.max_context
+        kv_layer = 2 * w.R * w.positions * (dims["kv_heads"] // tp) * dims["head_dim"] * w.w_bytes
+        ssm_layer = w.R * ((dims["conv_dim"] // tp) * 4 + dims["ssm_per_row"] // tp) * w.w_bytes
+        n_attn, n_mamba = self.n_attn, self.n_mamba
+        if r.rollout_mode == "recompute":
+            cache, copy, prefill_tokens = 0.0, 0.0, w.R * w.positions
+        else:
+            cache = n_attn * kv_layer + n_mamba * ssm_layer
+            copy = max(kv_layer / 2 if n_attn else 0.0, ssm_layer if n_mamba else 0.0)
+            # `rows` prefills one context at a time; `shared_prefill` a chunk's contexts at once.
+            prefill_tokens = {"rows": 1, "shared_prefill": w.roll_contexts}.get(r.rollout_mode, w.R) * (c + 1)
+        sampling = w.R * w.V * SAMPLING_BYTES_PER_ROW_AND_VOCAB
+        prefill = prefill_tokens * inference_bytes_per_token(self.m, tp, self.stage_kinds, w.w_bytes)
+        items = []
+        if n_attn:
+            items.append((f"KV cache ({n_attn} attention layers)", n_attn * kv_layer if cache else 0.0))
+        if n_mamba:
+            items.append((f"Mamba conv+SSM states ({n_mamba} layers)", n_mamba * ssm_layer if cache else 0.0))
+        if prefill >= sampling + copy:
+            items.append(("prefill working set", prefill))
+        else:
+            items += [("sampling buffers (full-vocab fp32)", sampling), ("cache row copy", copy)]
+        return Phase(
+            "rollout",
+            items,
+            note=f"{w.R} rows (= {w.roll_contexts} contexts x G={r.group_size}) x {w.positions} positions",
+            hint="Fewer rows per rank: more data-parallel replicas (sbatch --nodes) cut rlp.contexts_per_step / DP; "
+            "a larger TP shards the KV and Mamba states (not the full-vocabulary sampling buffers).",
+        )
+
+    def training(self, rows: int, seq: int, microbatches: int, what: str, hint: str, scored: int = 0) -> Phase:
+        """3./4. a training microbatch. `scored`: tokens per row that get logits (0: all; RLP rows: the
+        thought and x_t only)."""
+        m, tp, p = self.m, self.tp, self.cfg.parallel
+        tokens = rows * seq
+        inflight = min(self.pp - self.s, microbatches)
+        layer_bytes = sum(training_bytes_per_token(k, m, tp, p.sequence_parallel) for k in self.stage_kinds)
+        items = [(f"activations ({len(self.stage_kinds)} layers, {inflight} microbatch(es) in flight)",
+                  tokens * layer_bytes * inflight)]
+        if self.last:
+            split = tp if p.sequence_parallel else 1
+            items.append(("final norm + output layer inputs", tokens * 2 * self.dims["h"] * 2 / split))
+            items.append(("logits + loss (bf16 + fp32 copies)", rows * (scored or seq) * self.work.V / tp * LOGIT_BYTES_TRAIN))
+        return Phase(what, items, note=f"microbatch {rows} rows x {seq} tokens, {microbatches} microbatch(es)",
+                     hint=hint)
+
+    def rlp_training_phase(self) -> Phase:
+        w, r = self.work, self.cfg.rlp
+        return self.training(
+            w.train_rows, w.width, w.train_micro, "RLP training microbatch",
+            f"A smaller microbatch: rlp.micro_batch_rows (now {r.micro_batch_rows}; 0 means whole groups "
+            f"of G={r.group_size} rows of {w.width} tokens), or a larger TP.",
+            # Packed rows make logits only where the loss reads them (nemo_rlp.training.packing.logits_at).
+            scored=r.max_thought_len + 1 if r.pack_rows else 0,
+        )
+
+    def ntp_training_phase(self) -> Phase:
+        t = self.cfg.trainer
+        return self.training(
+            self.work.ntp_rows, self.cfg.data.ntp_seq_len, self.work.ntp_micro, "NTP training microbatch",
+            f"A smaller NTP microbatch: trainer.ntp_micro_batch_size (now {t.ntp_micro_batch_size}).",
+        )
 
 
 def _smallest_fitting_nodes(cfg: RunConfig, hardware: Hardware, counts: ParameterCounts, what_if: WhatIf,

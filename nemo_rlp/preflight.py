@@ -8,20 +8,17 @@ whose one line names the file, the line or byte, and the fix (the data loaders' 
 the entry point reports like any config error: exit status 2, nothing ran. What is loaded here is
 handed to the trainer (`RunInputs`), not loaded twice.
 
-The command line's overrides are checked too (`check_overrides`), before Hydra composes them:
-Hydra answers an unknown key with exit status 1 and the hint "use +key=value", which then fails
-the schema check; this names the nearest valid key instead.
+The command line's overrides are checked before Hydra composes them, by `nemo_rlp.config.check_overrides`.
 """
 
 from __future__ import annotations
 
-import difflib
 import tempfile
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from nemo_rlp.config import CONF_DIR, ConfigError, RunConfig
+from nemo_rlp.config import ConfigError, RunConfig
 
 
 @dataclass
@@ -98,55 +95,3 @@ def preflight(cfg: RunConfig, output_dir: Path, checkpoints: Path) -> RunInputs:
             except OSError:  # not empty (another process wrote there): leave it
                 pass
         raise
-
-
-# ------------------------------------------------------------------------------------------------
-# Overrides
-# ------------------------------------------------------------------------------------------------
-
-
-def schema_keys(node: Any = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of the config schema ('trainer.steps', 'trainer.schedule.ntp_per_cycle')."""
-    keys = []
-    for f in fields(node):
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            keys += schema_keys(type(default), f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def config_groups() -> set[str]:
-    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-
-
-def nearest_key(key: str) -> Optional[str]:
-    """The valid key a mistyped `key` most likely meant (None if nothing is close)."""
-    keys = schema_keys()
-    leaf = key.rsplit(".", 1)[-1]
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
-    if len(same_leaf) == 1:
-        return same_leaf[0]
-    close = difflib.get_close_matches(key, keys + sorted(config_groups()), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def check_overrides(arguments: list[str]) -> None:
-    """Reject a `key=value` override whose key is in neither the schema nor the config groups,
-    naming the nearest valid key. Overrides Hydra owns (`hydra.*`, `+key`, `~key`) and option
-    flags are left to Hydra."""
-    keys = set(schema_keys())
-    groups = config_groups()
-    for argument in arguments:
-        if argument.startswith(("-", "+", "~")) or "=" not in argument:
-            continue
-        key = argument.split("=", 1)[0]
-        if key.startswith("hydra.") or key == "hydra" or key in keys or key in groups:
-            continue
-        if any(k.startswith(key + ".") for k in keys):  # a whole section, e.g. trainer.schedule={...}
-            continue
-        suggestion = nearest_key(key)
-        hint = f"did you mean {suggestion}?" if suggestion else "see nemo_rlp/config.py for the keys"
-        raise ConfigError(f"{argument!r}: there is no config key {key!r}; {hint}")
-

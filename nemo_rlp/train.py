@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nemo_rlp.config import ConfigError, to_run_config
+from nemo_rlp.config import ConfigError, check_overrides, to_run_config
 
 log = logging.getLogger("nemo_rlp")
 
@@ -88,8 +88,6 @@ def _compute_matched_cpt(run_cfg):
 
 def check_command_line() -> None:
     """Unknown keys, before Hydra sees them (it would exit 1 advising `+key`)."""
-    from nemo_rlp.preflight import check_overrides
-
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as err:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
+from nemo_rlp.data.texts import EncodeCounts, encode_documents, iter_texts, log_skipped
+
 if TYPE_CHECKING:
     from nemo_rlp.data.tokenizer import Tokenizer
 
@@ -47,7 +49,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SCAN_TOKENS = 1 << 26  # tokens checked against the vocabulary when a dataset is opened (the rest on access)
-_ENCODE_CHUNK = 4096  # texts per encode_batch call in `preprocess`
 
 _FIX_BUILD = (
     "build it with `python recipes/preprocess_data.py --input DOCS.jsonl --tokenizer tokenizer.json "
@@ -146,6 +147,24 @@ class PreprocessStats:
     dtype: str
 
 
+def _progress_log(counts: EncodeCounts, start: float, every_s: float):
+    """``log(path)``, to call after each chunk that :func:`encode_documents` reads: logs the progress of
+    :func:`preprocess` at most every ``every_s`` seconds, over all its inputs."""
+    last_log = start
+
+    def log(path) -> None:
+        nonlocal last_log
+        now = time.monotonic()
+        if now - last_log >= every_s:
+            last_log = now
+            logger.info(
+                "preprocess: %s: %d documents read, %d skipped, %.1fM characters, %.2fM characters/s",
+                path, counts.read, counts.skipped, counts.chars / 1e6, counts.chars / 1e6 / max(now - start, 1e-9),
+            )
+
+    return log
+
+
 def preprocess(
     inputs: Sequence[str | os.PathLike[str]],
     tokenizer: Tokenizer,
@@ -160,12 +179,10 @@ def preprocess(
 ) -> PreprocessStats:
     """Tokenize ``inputs`` (JSONL or text files, read streaming) into one indexed dataset.
 
-    Each input line is one document (see :func:`nemo_rlp.data.sources.iter_texts`); all bad-input errors
+    Each input line is one document (see :func:`nemo_rlp.data.texts.iter_texts`); all bad-input errors
     name the file and line. Documents with fewer than ``min_tokens`` tokens are skipped, counted and
     logged. A progress line is logged every ``log_every_s`` seconds.
     """
-    from nemo_rlp.data.sources import iter_texts
-
     if min_tokens < 1:
         raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
     if not inputs:
@@ -181,48 +198,27 @@ def preprocess(
         )
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
 
-    counts = {"read": 0, "skipped": 0, "chars": 0}
-    start = last_log = time.monotonic()
+    counts = EncodeCounts()
+    start = time.monotonic()
+    progress = _progress_log(counts, start, log_every_s)
 
     def documents() -> Iterable[list[int]]:
-        nonlocal last_log
         for path in inputs:
             texts = iter_texts(path, fmt=fmt, text_key=text_key)
-            while True:
-                chunk = [t for _, t in zip(range(_ENCODE_CHUNK), texts)]
-                if not chunk:
-                    break
-                counts["chars"] += sum(len(t) for t in chunk)
-                for ids in tokenizer.encode_batch(chunk):
-                    counts["read"] += 1
-                    if len(ids) < min_tokens:
-                        counts["skipped"] += 1
-                        continue
-                    yield ids
-                now = time.monotonic()
-                if now - last_log >= log_every_s:
-                    last_log = now
-                    logger.info(
-                        "preprocess: %s: %d documents read, %d skipped, %.1fM characters, %.2fM characters/s",
-                        path, counts["read"], counts["skipped"], counts["chars"] / 1e6,
-                        counts["chars"] / 1e6 / max(now - start, 1e-9),
-                    )
+            encoded = encode_documents(texts, tokenizer.encode_batch, min_tokens, counts, lambda: progress(path))
+            yield from (ids for _, ids in encoded)
 
     eod = tokenizer.eod_id if append_eod else None
     num_docs, num_tokens = write_indexed_dataset(prefix, documents(), tokenizer.vocab_size, eod_id=eod)
-    if counts["skipped"]:
-        logger.warning(
-            "preprocess: skipped %d of %d documents shorter than min_tokens=%d tokens",
-            counts["skipped"], counts["read"], min_tokens,
-        )
+    log_skipped("preprocess", counts, min_tokens, logger)
     if num_docs == 0:
         for path in (bin_path(prefix), idx_path(prefix)):
             path.unlink(missing_ok=True)
         raise ValueError(
             f"no document of {', '.join(map(str, inputs))} has at least min_tokens={min_tokens} tokens "
-            f"({counts['read']} read); nothing written. Check text_key={text_key!r} and the input format."
+            f"({counts.read} read); nothing written. Check text_key={text_key!r} and the input format."
         )
-    stats = PreprocessStats(num_docs, num_tokens, counts["skipped"], np.dtype(token_dtype(tokenizer.vocab_size)).name)
+    stats = PreprocessStats(num_docs, num_tokens, counts.skipped, np.dtype(token_dtype(tokenizer.vocab_size)).name)
     logger.info("preprocess: wrote %s.{bin,idx} in %.1f s: %s", prefix, time.monotonic() - start, stats)
     return stats
 

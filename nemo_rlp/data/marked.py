@@ -21,15 +21,19 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nemo_rlp.data.sources import MIN_TOKENS, iter_jsonl_records
-from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.data.texts import MIN_TOKENS, EncodeCounts, encode_documents, iter_jsonl_records, log_skipped
 
-__all__ = ["MarkedDocuments", "char_to_token_positions", "load_marked_jsonl"]
+if TYPE_CHECKING:
+    from nemo_rlp.data.tokenizer import Tokenizer
+
+__all__ = ["POSITIONS", "MarkedDocuments", "char_to_token_positions", "load_marked_jsonl"]
 
 logger = logging.getLogger(__name__)
 
-_ENCODE_CHUNK = 4096
+# Where RLP contexts end (data.rlp_positions): anywhere in a document, or only at its marks.
+POSITIONS = ("uniform", "marked")
 
 
 class MarkedDocuments(Sequence[list[int]]):
@@ -95,26 +99,24 @@ def load_marked_jsonl(
         chars.append(list(offsets))
         names.append([str(t) for t in tasks])
 
-    documents, marks, tasks, dropped = [], [], [], 0
-    hf = tokenizer.hf_tokenizer
-    for first in range(0, len(texts), _ENCODE_CHUNK):
-        encodings = hf.encode_batch(texts[first : first + _ENCODE_CHUNK], add_special_tokens=False)
-        for i, enc in enumerate(encodings, start=first):
-            if len(enc.ids) < MIN_TOKENS:
-                dropped += 1
-                continue
-            order = sorted(range(len(chars[i])), key=chars[i].__getitem__)
-            positions = char_to_token_positions(enc.offsets, [chars[i][j] for j in order])
-            if positions and positions[0] == 0:
-                raise ValueError(
-                    f"{path}: document {i + 1} marks its first token (character {min(chars[i])}): a marked "
-                    "token needs at least one token of context before it"
-                )
-            documents.append(list(enc.ids))
-            marks.append(positions)
-            tasks.append([names[i][j] for j in order])
-    if dropped:
-        logger.warning("%s: skipped %d of %d documents shorter than %d tokens", path, dropped, len(texts), MIN_TOKENS)
+    documents, marks, tasks = [], [], []
+    counts = EncodeCounts()
+
+    def encode_batch(batch: list[str]):
+        return tokenizer.hf_tokenizer.encode_batch(batch, add_special_tokens=False)  # with character offsets
+
+    for i, enc in encode_documents(texts, encode_batch, MIN_TOKENS, counts):
+        order = sorted(range(len(chars[i])), key=chars[i].__getitem__)
+        positions = char_to_token_positions(enc.offsets, [chars[i][j] for j in order])
+        if positions and positions[0] == 0:
+            raise ValueError(
+                f"{path}: document {i + 1} marks its first token (character {min(chars[i])}): a marked "
+                "token needs at least one token of context before it"
+            )
+        documents.append(list(enc.ids))
+        marks.append(positions)
+        tasks.append([names[i][j] for j in order])
+    log_skipped(path, counts, MIN_TOKENS, logger)
     out = MarkedDocuments(documents, marks, tasks)
     if out.num_marks == 0:
         raise ValueError(

@@ -6,7 +6,11 @@
   draws document *windows* (:class:`ContextWindow`, at most ``max_context + 1`` tokens) and k positions
   in each: one no-think forward of the EMA teacher over a window gives S_ema for all of them. An
   optional position filter (e.g. :class:`LogProbBand`, off by default) keeps only positions whose
-  teacher log-prob passes; it needs a scorer (:func:`teacher_scorer`) and :meth:`ContextSampler.sample_windows`.
+  teacher log-prob passes; it needs a :data:`Scorer`, which the caller passes in (the RLP step makes
+  it from the teacher: ``nemo_rlp.training.steps.teacher_scorer``), so this package knows no model.
+  Each way of proposing windows is its own small class (:class:`UniformPositions`,
+  :class:`UniformWindows`, :class:`MarkedPositions`); the sampler draws from one of them and applies
+  the filter.
 * :class:`NTPBatcher` cuts the concatenated documents into next-token-prediction windows. It keeps no
   generator state at all, only counters: epoch ``e`` visits documents in the order
   ``numpy.random.default_rng([seed, e]).permutation(num_documents)``, and the cursor is
@@ -26,26 +30,27 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from nemo_rlp.data.texts import Documents, document_lengths
 
 __all__ = [
     "ContextSampler",
     "ContextWindow",
     "LogProbBand",
+    "MarkedPositions",
     "NTPBatcher",
     "PositionFilter",
     "RLPContext",
     "Scorer",
-    "document_lengths",
-    "teacher_scorer",
+    "UniformPositions",
+    "UniformWindows",
 ]
 
 logger = logging.getLogger(__name__)
-
-Documents = Sequence[Sequence[int]]
 
 
 @dataclass
@@ -127,44 +132,6 @@ class LogProbBand:
         return (logprobs >= self.low) & (logprobs <= self.high)
 
 
-def teacher_scorer(
-    token_logprobs: Callable[[torch.Tensor], torch.Tensor],
-    pad_id: int,
-    device: Any = "cpu",
-    max_rows: int | None = None,
-) -> Scorer:
-    """A :data:`Scorer` from a model's ``token_logprobs`` ([b, s] ids -> [b, s-1] log-probs, e.g.
-    ``ModelHandle.token_logprobs`` of the EMA teacher, in eval mode): windows right-padded into no-grad
-    forwards of at most ``max_rows`` rows (None: all in one). Right padding is safe for a causal model:
-    no real token attends to a pad."""
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
-
-    def score(windows: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        step = max_rows or max(len(windows), 1)
-        for first in range(0, len(windows), step):
-            chunk = windows[first : first + step]
-            lengths = [len(w) for w in chunk]
-            tokens = torch.full((len(chunk), max(lengths)), int(pad_id), dtype=torch.long)
-            for i, w in enumerate(chunk):
-                tokens[i, : len(w)] = torch.as_tensor(_as_list(w), dtype=torch.long)
-            with torch.no_grad():
-                logprobs = token_logprobs(tokens.to(device)).float().cpu().numpy()
-            out.extend(logprobs[i, : n - 1] for i, n in enumerate(lengths))
-        return out
-
-    return score
-
-
-def document_lengths(documents: Documents) -> np.ndarray:
-    """Every document's length (int64), from ``documents.lengths`` when it has one (lazy sources)."""
-    lengths = getattr(documents, "lengths", None)
-    if lengths is not None:
-        return np.asarray(lengths, dtype=np.int64)
-    return np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
-
-
 def _document_fingerprint(documents: Documents) -> tuple[int, int]:
     """(count, total tokens): cheap evidence that a saved state is restored onto the same documents."""
     return len(documents), int(document_lengths(documents).sum())
@@ -177,25 +144,108 @@ def _as_list(tokens: Sequence[int]) -> list[int]:
 _MAX_PROPOSALS_PER_CONTEXT = 50  # a position filter passing fewer than ~1 in 50 windows is an error
 
 
+class Proposal(NamedTuple):
+    """A drawn window before any filtering: ``tokens == documents[doc_index][start:start + len(tokens)]``
+    and the offsets into ``tokens`` that may become contexts (``candidates``, sorted)."""
+
+    doc_index: int
+    start: int
+    tokens: list[int]
+    candidates: np.ndarray
+
+
+class UniformPositions:
+    """``positions_per_document == 1``: a uniform eligible document, a uniform position
+    ``min_context <= t < len(doc)`` in it, and the window that ends at t with the longest allowed
+    prefix (at most ``max_context`` tokens); t is the only candidate."""
+
+    def __init__(self, documents: Documents, eligible: np.ndarray, lengths: np.ndarray,
+                 min_context: int, max_context: int) -> None:
+        self.documents, self.eligible, self.lengths = documents, eligible, lengths
+        self.min_context, self.max_context = min_context, max_context
+
+    def propose(self, rng: np.random.Generator, count: int) -> list[Proposal]:
+        which = rng.integers(0, len(self.eligible), size=count)
+        positions = rng.integers(self.min_context, self.lengths[which])  # high is exclusive
+        starts = np.maximum(0, positions - self.max_context)
+        return [self._proposal(w, s, p + 1, p - s) for w, s, p in zip(which.tolist(), starts.tolist(), positions.tolist())]
+
+    def _proposal(self, which: int, start: int, end: int, first: int) -> Proposal:
+        """Eligible document ``which``, tokens ``[start, end)``, candidates from offset ``first`` to the end."""
+        doc_index = int(self.eligible[which])
+        return Proposal(doc_index, start, _as_list(self.documents[doc_index][start:end]), np.arange(first, end - start))
+
+
+class UniformWindows(UniformPositions):
+    """``positions_per_document = k > 1``: a uniform eligible document and a window of
+    ``W = min(len(doc), max_context + 1)`` consecutive tokens at a uniform start in it (long documents
+    are thereby windowed); every offset ``min_context <= j < W`` is a candidate."""
+
+    def propose(self, rng: np.random.Generator, count: int) -> list[Proposal]:
+        which = rng.integers(0, len(self.eligible), size=count)
+        lengths = self.lengths[which]
+        sizes = np.minimum(lengths, self.max_context + 1)
+        starts = rng.integers(0, lengths - sizes + 1)  # high is exclusive
+        ends = starts + sizes
+        return [self._proposal(w, s, e, self.min_context) for w, s, e in zip(which.tolist(), starts.tolist(), ends.tolist())]
+
+
+class MarkedPositions:
+    """``data.rlp_positions: marked``: windows that end at a uniformly drawn usable mark
+    (``min_context <= p < len(doc)``); their candidates are the marks inside them (only the drawn one
+    when ``positions_per_document == 1``)."""
+
+    def __init__(self, documents: Documents, marks: Sequence[Sequence[int]], lengths: np.ndarray,
+                 min_context: int, max_context: int, positions_per_document: int) -> None:
+        if len(marks) != len(lengths):
+            raise ValueError(f"marks must list positions for each of the {len(lengths)} documents, got {len(marks)}")
+        self.documents, self.min_context, self.max_context = documents, min_context, max_context
+        self.single = positions_per_document == 1
+        doc = np.repeat(np.arange(len(marks)), [len(m) for m in marks])
+        pos = np.fromiter((p for m in marks for p in m), dtype=np.int64, count=len(doc))
+        usable = (pos >= min_context) & (pos < lengths[doc])
+        self.mark_doc, self.mark_pos = doc[usable], pos[usable]  # sorted by document
+        self.num_excluded_marks = int((~usable).sum())
+        if len(self.mark_pos) == 0:
+            raise ValueError(
+                f"none of the {len(pos)} marked positions has min_context={min_context} tokens of context "
+                "before it in its document. Lower data.min_context."
+            )
+        if self.num_excluded_marks:
+            logger.warning("ContextSampler: %d of %d marked positions have fewer than min_context=%d tokens "
+                           "before them; they are not drawn", self.num_excluded_marks, len(pos), min_context)
+
+    def propose(self, rng: np.random.Generator, count: int) -> list[Proposal]:
+        which = rng.integers(0, len(self.mark_pos), size=count)
+        out = []
+        for m in which.tolist():
+            doc_index, position = int(self.mark_doc[m]), int(self.mark_pos[m])
+            start = max(0, position - self.max_context)
+            if self.single:
+                candidates = np.array([position - start])
+            else:
+                lo, hi = np.searchsorted(self.mark_doc, [doc_index, doc_index + 1])
+                same = self.mark_pos[lo:hi]
+                candidates = same[(same >= start + self.min_context) & (same <= position)] - start
+            out.append(Proposal(doc_index, start, _as_list(self.documents[doc_index][start : position + 1]), candidates))
+        return out
+
+
 class ContextSampler:
     """Uniform document, then position(s) in it; contexts never cross a document boundary.
 
-    With ``positions_per_document == 1`` (the default): a uniform position t with
-    ``min_context <= t < len(doc)``, and the prefix is the (at most ``max_context``) tokens of the same
-    document right before t. With ``positions_per_document = k > 1``: a window of
-    ``W = min(len(doc), max_context + 1)`` consecutive tokens at a uniform start (long documents are
-    thereby windowed), then k distinct uniform offsets ``min_context <= j < W`` in it (all of them if
-    there are fewer); each context is the window's tokens before its offset. Documents with
-    ``len(doc) <= min_context`` have no such position; they are excluded up front (``num_excluded``)
-    and logged.
+    The windows come from one proposer: :class:`UniformPositions` (``positions_per_document == 1``, the
+    default), :class:`UniformWindows` (``k > 1``) or :class:`MarkedPositions` (``marks`` given). Of a
+    window's candidate positions, k distinct ones are drawn uniformly (all of them if there are fewer);
+    each context is the window's tokens before its offset. Documents with ``len(doc) <= min_context``
+    have no such position; they are excluded up front (``num_excluded``) and logged.
 
     :meth:`sample_windows` returns the windows themselves, so the training step can run ONE teacher
     forward per window for S_ema of all its positions (``scorer``). A ``position_filter`` (e.g.
     :class:`LogProbBand`; None = off) is applied to the teacher log-probs of each window's candidate
-    positions (the single drawn position when k = 1, every offset ``min_context <= j < W`` when k > 1);
-    the k positions are then drawn among those that pass, and windows where none passes are redrawn
-    (counted in ``num_rejected_windows``). A filter therefore needs :meth:`sample_windows` with a scorer.
-    With a filter the stream is deterministic given the scorer's values.
+    positions; the k positions are then drawn among those that pass, and windows where none passes are
+    redrawn (counted in ``num_rejected_windows``). A filter therefore needs a scorer. With a filter the
+    stream is deterministic given the scorer's values.
     """
 
     def __init__(
@@ -220,47 +270,38 @@ class ContextSampler:
         self.positions_per_document = positions_per_document
         self.position_filter = position_filter
         lengths = document_lengths(documents)
-        self._eligible = np.flatnonzero(lengths > min_context)
-        self._eligible_lengths = lengths[self._eligible]
-        self.num_excluded = len(documents) - len(self._eligible)
-        if len(self._eligible) == 0:
-            longest = int(lengths.max()) if len(lengths) else 0
-            raise ValueError(
-                f"no document is long enough for min_context={min_context}: a document needs at least "
-                f"min_context + 1 tokens and the longest of {len(documents)} has {longest}. Lower min_context."
-            )
-        if self.num_excluded:
-            logger.warning(
-                "ContextSampler: excluded %d of %d documents with <= min_context=%d tokens",
-                self.num_excluded, len(documents), min_context,
-            )
+        eligible = self._eligible_documents(lengths)
         self._fingerprint = _document_fingerprint(documents)
         self.marked = marks is not None
+        self._proposer: UniformPositions | MarkedPositions
         if marks is not None:
-            self._init_marks(marks, lengths)
+            self._proposer = MarkedPositions(documents, marks, lengths, min_context, max_context, positions_per_document)
+            self.num_excluded_marks = self._proposer.num_excluded_marks
+            self._fingerprint = (*self._fingerprint[:2], len(self._proposer.mark_pos))
+        else:
+            uniform = UniformPositions if positions_per_document == 1 else UniformWindows
+            self._proposer = uniform(documents, eligible, lengths[eligible], min_context, max_context)
         self._rng = np.random.default_rng(seed)
         self.num_sampled = 0
         # Windows returned; windows drawn but dropped by the filter; filter candidates seen and passed.
         self.num_windows = self.num_rejected_windows = self.num_candidates = self.num_passed = 0
 
-    def _init_marks(self, marks: Sequence[Sequence[int]], lengths: np.ndarray) -> None:
-        """Flat arrays of the usable marks (``min_context <= p < len(doc)``), drawn uniformly."""
-        if len(marks) != len(lengths):
-            raise ValueError(f"marks must list positions for each of the {len(lengths)} documents, got {len(marks)}")
-        doc = np.repeat(np.arange(len(marks)), [len(m) for m in marks])
-        pos = np.fromiter((p for m in marks for p in m), dtype=np.int64, count=len(doc))
-        usable = (pos >= self.min_context) & (pos < lengths[doc])
-        self._mark_doc, self._mark_pos = doc[usable], pos[usable]
-        self.num_excluded_marks = int((~usable).sum())
-        if len(self._mark_pos) == 0:
+    def _eligible_documents(self, lengths: np.ndarray) -> np.ndarray:
+        """Indices of the documents longer than ``min_context``; the others counted and logged."""
+        eligible = np.flatnonzero(lengths > self.min_context)
+        self.num_excluded = len(lengths) - len(eligible)
+        if len(eligible) == 0:
+            longest = int(lengths.max()) if len(lengths) else 0
             raise ValueError(
-                f"none of the {len(pos)} marked positions has min_context={self.min_context} tokens of context "
-                "before it in its document. Lower data.min_context."
+                f"no document is long enough for min_context={self.min_context}: a document needs at least "
+                f"min_context + 1 tokens and the longest of {len(lengths)} has {longest}. Lower min_context."
             )
-        if self.num_excluded_marks:
-            logger.warning("ContextSampler: %d of %d marked positions have fewer than min_context=%d tokens "
-                           "before them; they are not drawn", self.num_excluded_marks, len(pos), self.min_context)
-        self._fingerprint = (*self._fingerprint[:2], len(self._mark_pos))
+        if self.num_excluded:
+            logger.warning(
+                "ContextSampler: excluded %d of %d documents with <= min_context=%d tokens",
+                self.num_excluded, len(lengths), self.min_context,
+            )
+        return eligible
 
     @classmethod
     def from_config(cls, documents: Documents, data_cfg: Any, *, seed: int) -> ContextSampler:
@@ -287,123 +328,79 @@ class ContextSampler:
             marks=marks,
         )
 
-    @property
-    def num_eligible(self) -> int:
-        """Documents that can be sampled from."""
-        return len(self._eligible)
-
-    def sample(self, n: int) -> list[RLPContext]:
-        """``n`` contexts: independent ones if ``positions_per_document == 1``, else windows' positions
-        (contexts of one window are adjacent, in position order). Not with a position filter."""
-        if self.position_filter is not None:
-            raise ValueError(
-                "this ContextSampler has a position filter, which needs the teacher's log-probs: call "
-                "sample_windows(n, scorer) instead of sample(n)"
-            )
-        return [c for w in self.sample_windows(n) for c in w.contexts()]
-
     def sample_windows(self, n: int, scorer: Scorer | None = None) -> list[ContextWindow]:
-        """Windows holding exactly ``n`` positions in all (the last one may hold fewer than k).
+        """Windows holding exactly ``n`` positions in all (the last one may hold fewer than k); their
+        contexts, in order, are ``[c for w in windows for c in w.contexts()]``.
 
-        With ``scorer`` (see :func:`teacher_scorer`), every drawn window is scored in one call per round
-        and each returned window carries ``teacher_logprobs`` (so ``window.s_ema()`` is S_ema of its
-        positions); a position filter requires it.
+        With ``scorer`` (the RLP step's is ``nemo_rlp.training.steps.teacher_scorer``), every drawn
+        window is scored in one call per round and each returned window carries ``teacher_logprobs``
+        (so ``window.s_ema()`` is S_ema of its positions); a position filter requires it.
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         if self.position_filter is not None and scorer is None:
             raise ValueError("a position filter needs the teacher's log-probs: pass scorer= (see teacher_scorer)")
-        k = self.positions_per_document
         windows: list[ContextWindow] = []
         remaining, proposed = n, 0
         while remaining > 0:
-            if proposed > _MAX_PROPOSALS_PER_CONTEXT * n:
-                raise RuntimeError(
-                    f"the position filter {self.position_filter} passed {self.num_passed} of {self.num_candidates} "
-                    f"candidate positions so far; {proposed} windows drawn could not give {n} contexts. Widen "
-                    "data.logprob_band or turn it off (null)."
-                )
-            # Enough windows for the rest at the yield seen so far (k per window before any filtering).
-            per_window = k if proposed == 0 else max((n - remaining) / proposed, 0.05)
-            count = max(1, int(np.ceil(remaining / min(per_window, k))))
-            proposals = self._propose(count)
+            count = self._proposal_count(n, remaining, proposed)
+            proposals = self._proposer.propose(self._rng, count)
             proposed += count
-            scores = scorer([p[2] for p in proposals]) if scorer is not None else [None] * count
-            for (doc_index, start, tokens, candidates), logprobs in zip(proposals, scores):
+            scores = scorer([p.tokens for p in proposals]) if scorer is not None else [None] * count
+            for proposal, logprobs in zip(proposals, scores):
                 if remaining == 0:
                     break
-                if logprobs is not None:
-                    logprobs = np.asarray(logprobs, dtype=np.float32)
-                    if logprobs.shape != (len(tokens) - 1,):
-                        raise ValueError(
-                            f"scorer returned {logprobs.shape} log-probs for a window of {len(tokens)} tokens; "
-                            f"expected ({len(tokens) - 1},): entry j-1 scores token j"
-                        )
-                if self.position_filter is not None:
-                    passed = np.asarray(self.position_filter(logprobs[candidates - 1]), dtype=bool)
-                    self.num_candidates += len(candidates)
-                    self.num_passed += int(passed.sum())
-                    candidates = candidates[passed]
-                    if len(candidates) == 0:
-                        self.num_rejected_windows += 1
-                        continue
-                take = min(k, len(candidates), remaining)
-                if take < len(candidates):
-                    candidates = np.sort(self._rng.choice(candidates, size=take, replace=False))
-                end = int(candidates[-1]) + 1
-                windows.append(
-                    ContextWindow(
-                        doc_index=doc_index,
-                        start=start,
-                        tokens=tokens[:end],
-                        offsets=candidates.tolist(),
-                        teacher_logprobs=None if logprobs is None else logprobs[: end - 1],
-                    )
-                )
-                remaining -= take
+                window = self._window(proposal, logprobs, remaining)
+                if window is not None:
+                    windows.append(window)
+                    remaining -= len(window.offsets)
         self.num_sampled += n
         self.num_windows += len(windows)
         return windows
 
-    def _propose(self, count: int) -> list[tuple[int, int, list[int], np.ndarray]]:
-        """``count`` (doc_index, start, window tokens, candidate offsets) before any filtering."""
-        if self.marked:
-            return self._propose_marked(count)
-        which = self._rng.integers(0, len(self._eligible), size=count)
-        lengths = self._eligible_lengths[which]
-        if self.positions_per_document == 1:
-            # One position, with the longest allowed prefix: the window ends at it.
-            positions = self._rng.integers(self.min_context, lengths)  # high is exclusive
-            starts = np.maximum(0, positions - self.max_context)
-            ends = positions + 1
-        else:
-            sizes = np.minimum(lengths, self.max_context + 1)
-            starts = self._rng.integers(0, lengths - sizes + 1)  # high is exclusive
-            ends = starts + sizes
-        out = []
-        for w, s, e in zip(which.tolist(), starts.tolist(), ends.tolist()):
-            doc_index = int(self._eligible[w])
-            first = self.min_context if self.positions_per_document > 1 else e - s - 1
-            out.append((doc_index, s, _as_list(self.documents[doc_index][s:e]), np.arange(first, e - s)))
-        return out
+    def _proposal_count(self, n: int, remaining: int, proposed: int) -> int:
+        """Windows to draw next: enough for the rest at the yield seen so far (k per window before any
+        filtering); a RuntimeError once the filter has passed too little for too long."""
+        if proposed > _MAX_PROPOSALS_PER_CONTEXT * n:
+            raise RuntimeError(
+                f"the position filter {self.position_filter} passed {self.num_passed} of {self.num_candidates} "
+                f"candidate positions so far; {proposed} windows drawn could not give {n} contexts. Widen "
+                "data.logprob_band or turn it off (null)."
+            )
+        k = self.positions_per_document
+        per_window = k if proposed == 0 else max((n - remaining) / proposed, 0.05)
+        return max(1, int(np.ceil(remaining / min(per_window, k))))
 
-    def _propose_marked(self, count: int) -> list[tuple[int, int, list[int], np.ndarray]]:
-        """Windows that end at a uniformly drawn mark; their candidates are the marks inside them
-        (one, the drawn mark, when ``positions_per_document == 1``)."""
-        which = self._rng.integers(0, len(self._mark_pos), size=count)
-        out = []
-        for m in which.tolist():
-            doc_index, position = int(self._mark_doc[m]), int(self._mark_pos[m])
-            start = max(0, position - self.max_context)
-            if self.positions_per_document == 1:
-                candidates = np.array([position - start])
-            else:
-                lo, hi = np.searchsorted(self._mark_doc, [doc_index, doc_index + 1])  # sorted by document
-                same = self._mark_pos[lo:hi]
-                candidates = same[(same >= start + self.min_context) & (same <= position)] - start
-            tokens = _as_list(self.documents[doc_index][start : position + 1])
-            out.append((doc_index, start, tokens, candidates))
-        return out
+    def _window(self, proposal: Proposal, logprobs: Any, remaining: int) -> ContextWindow | None:
+        """The window of a proposal: its candidates filtered, then at most k (and ``remaining``) of them
+        drawn; None when the filter passes none of them."""
+        doc_index, start, tokens, candidates = proposal
+        if logprobs is not None:
+            logprobs = np.asarray(logprobs, dtype=np.float32)
+            if logprobs.shape != (len(tokens) - 1,):
+                raise ValueError(
+                    f"scorer returned {logprobs.shape} log-probs for a window of {len(tokens)} tokens; "
+                    f"expected ({len(tokens) - 1},): entry j-1 scores token j"
+                )
+        if self.position_filter is not None:
+            passed = np.asarray(self.position_filter(logprobs[candidates - 1]), dtype=bool)
+            self.num_candidates += len(candidates)
+            self.num_passed += int(passed.sum())
+            candidates = candidates[passed]
+            if len(candidates) == 0:
+                self.num_rejected_windows += 1
+                return None
+        take = min(self.positions_per_document, len(candidates), remaining)
+        if take < len(candidates):
+            candidates = np.sort(self._rng.choice(candidates, size=take, replace=False))
+        end = int(candidates[-1]) + 1
+        return ContextWindow(
+            doc_index=doc_index,
+            start=start,
+            tokens=tokens[:end],
+            offsets=candidates.tolist(),
+            teacher_logprobs=None if logprobs is None else logprobs[: end - 1],
+        )
 
     def stats(self) -> dict[str, float]:
         """Counters for logging: contexts, windows, and (with a filter) the fraction of positions passing."""

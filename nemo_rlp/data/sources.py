@@ -1,8 +1,10 @@
 """Where documents come from: one entry point, :func:`load_documents`, dispatching on ``data.format``.
 
 * ``jsonl``: one ``{text_key: "..."}`` object per line (:func:`nemo_rlp.data.corpus.load_jsonl_documents`);
-  ``data.corpus: null`` is the bundled tiny corpus.
-* ``text``: plain UTF-8 text, one document per non-blank line (as Hugging Face's ``text`` loader reads it).
+  ``data.corpus: null`` is the bundled tiny corpus. With ``data.rlp_positions: marked``, its documents
+  carry marked positions (:func:`nemo_rlp.data.marked.load_marked_jsonl`).
+* ``text``: plain UTF-8 text, one document per non-blank line (as Hugging Face's ``text`` loader reads it;
+  :func:`nemo_rlp.data.corpus.load_text_documents`).
 * ``indexed``: a Megatron indexed dataset, ``data.corpus`` being its path prefix (``PREFIX.bin`` /
   ``PREFIX.idx``, e.g. from ``recipes/preprocess_data.py``); documents are read lazily
   (:class:`nemo_rlp.data.indexed.IndexedDocuments`).
@@ -12,135 +14,33 @@
 Whatever the source, the result is a sequence of documents (each a sequence of token ids, no
 end-of-document id) that :class:`~nemo_rlp.data.sampling.ContextSampler` and
 :class:`~nemo_rlp.data.sampling.NTPBatcher` take as is. Lazy sources expose ``lengths`` (a numpy array),
-which the samplers use instead of reading every document (:func:`~nemo_rlp.data.sampling.document_lengths`).
+which the samplers use instead of reading every document (:func:`~nemo_rlp.data.texts.document_lengths`).
+:data:`FORMATS` is the one list of formats; the config validates ``data.format`` against it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nemo_rlp.data.corpus import BUNDLED_CORPUS, load_jsonl_documents_with_stats
+from nemo_rlp.data.bundled import BUNDLED_CORPUS
+from nemo_rlp.data.corpus import load_jsonl_documents_with_stats, load_text_documents
 from nemo_rlp.data.indexed import IndexedDocuments
-from nemo_rlp.data.sampling import Documents, document_lengths
-from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.data.marked import load_marked_jsonl
+from nemo_rlp.data.texts import MIN_TOKENS, Documents, document_lengths
 
-__all__ = [
-    "FORMATS",
-    "BlendedDocuments",
-    "iter_texts",
-    "load_documents",
-    "load_text_documents",
-]
+if TYPE_CHECKING:
+    from nemo_rlp.data.tokenizer import Tokenizer
+
+__all__ = ["FORMATS", "BlendedDocuments", "load_documents"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "text", "indexed")
-MIN_TOKENS = 2  # a document needs a context token and a next token
-_ENCODE_CHUNK = 4096
-
-
-def _decoded_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 file, streaming; invalid UTF-8 names the line and byte offset."""
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}. Point the data path at {what}.")
-    offset = 0  # byte offset of the current line, to locate invalid UTF-8 in tools like `xxd -s`
-    with open(path, "rb") as f:  # bytes, so a decoding error can name its line and offset
-        for lineno, raw in enumerate(f, start=1):
-            line_offset, offset = offset, offset + len(raw)
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{lineno}: invalid UTF-8 at byte offset {line_offset + exc.start} of the file "
-                    f"({exc.reason}). Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
-                ) from None
-
-
-def iter_texts(path: str | os.PathLike[str], fmt: str = "jsonl", text_key: str = "text") -> Iterator[str]:
-    """The documents' texts of a ``jsonl`` or ``text`` file, read streaming (for files larger than memory).
-
-    ``jsonl`` follows :func:`nemo_rlp.data.corpus.read_jsonl_texts` line for line, with the same errors
-    (file, line and fix); ``text`` gives every non-blank line without its line break.
-    """
-    if fmt not in ("jsonl", "text"):
-        raise ValueError(f"format {fmt!r} has no texts to read; use 'jsonl' or 'text'")
-    if fmt == "jsonl":
-        for _, record in iter_jsonl_records(path, text_key):
-            yield record[text_key]
-        return
-    found = False
-    for _, line in _decoded_lines(Path(path), "a UTF-8 text file with one document per line"):
-        if line.strip():  # blank lines (e.g. a trailing one) carry no document
-            found = True
-            yield line.rstrip("\r\n")
-    if not found:
-        raise ValueError(f"{path} is empty: no non-blank lines found. Expected one document per line.")
-
-
-def iter_jsonl_records(path: str | os.PathLike[str], text_key: str = "text") -> Iterator[tuple[int, dict]]:
-    """(line number, object) of every non-blank line of a JSON-lines file whose ``text_key`` holds a
-    string; every other line is an error that names the file, the line and the fix."""
-    path = Path(path)
-    what = f'a JSON-lines file with one {{"{text_key}": "..."}} object per line (the bundled one is {BUNDLED_CORPUS})'
-    found = False
-    for lineno, line in _decoded_lines(path, what):
-        if not line.strip():
-            continue  # blank lines (e.g. a trailing one) carry no document
-        found = True
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}). Each line must be one "
-                f'JSON object such as {{"{text_key}": "..."}}; fix or remove the line.'
-            ) from None
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}. Each line must be "
-                f'one object such as {{"{text_key}": "..."}}.'
-            )
-        if text_key not in record:
-            raise ValueError(
-                f"{path}:{lineno}: no key {text_key!r} (keys present: {sorted(record)}). "
-                "Set text_key to the key that holds the document text."
-            )
-        if not isinstance(record[text_key], str):
-            raise ValueError(
-                f"{path}:{lineno}: {text_key!r} holds a {type(record[text_key]).__name__}, expected a string. "
-                "Set text_key to the key that holds the document text."
-            )
-        yield lineno, record
-    if not found:
-        raise ValueError(
-            f"{path} is empty: no JSON lines found. Expected one {{\"{text_key}\": \"...\"}} object per line."
-        )
-
-
-def load_text_documents(
-    path: str | os.PathLike[str], tokenizer: Tokenizer, min_tokens: int = MIN_TOKENS
-) -> list[list[int]]:
-    """Token ids of every non-blank line of a UTF-8 text file; short documents skipped, counted, logged."""
-    documents: list[list[int]] = []
-    read = 0
-    texts = iter_texts(path, fmt="text")
-    while chunk := [t for _, t in zip(range(_ENCODE_CHUNK), texts)]:
-        read += len(chunk)
-        documents.extend(ids for ids in tokenizer.encode_batch(chunk) if len(ids) >= min_tokens)
-    skipped = read - len(documents)
-    if skipped:
-        logger.warning("%s: skipped %d of %d documents shorter than min_tokens=%d tokens",
-                       path, skipped, read, min_tokens)
-    if not documents:
-        raise ValueError(f"{path}: none of its {read} documents has at least min_tokens={min_tokens} tokens.")
-    return documents
 
 
 class BlendedDocuments(Sequence[Sequence[int]]):
@@ -249,7 +149,5 @@ def load_documents(data_cfg: Any, tokenizer: Tokenizer) -> Documents:
         sources = [_load_one(fmt, p, tokenizer, data_cfg.text_key) for _, p in pairs]
         return BlendedDocuments(sources, [w for w, _ in pairs], names=[p for _, p in pairs])
     if getattr(data_cfg, "rlp_positions", "uniform") == "marked":
-        from nemo_rlp.data.marked import load_marked_jsonl
-
         return load_marked_jsonl(data_cfg.corpus or BUNDLED_CORPUS, tokenizer, data_cfg.text_key, data_cfg.positions_key)
     return _load_one(fmt, data_cfg.corpus, tokenizer, data_cfg.text_key)

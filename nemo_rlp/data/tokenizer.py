@@ -20,7 +20,9 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["Tokenizer", "train_byte_level_bpe", "DEFAULT_SPECIAL_TOKENS"]
+from nemo_rlp.data.bundled import BUNDLED_TOKENIZER
+
+__all__ = ["DEFAULT_SPECIAL_TOKENS", "Tokenizer", "bundled_tokenizer", "load_tokenizer", "train_byte_level_bpe"]
 
 # Order fixes the ids of the bundled tokenizer: <pad>=0, <|endoftext|>=1, <think>=2, </think>=3.
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<|endoftext|>", "<think>", "</think>")
@@ -138,15 +140,6 @@ class Tokenizer:
         """Text of ``ids`` with special tokens kept, so thoughts print between their markers."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def check_fits(self, model_vocab_size: int) -> None:
-        """ValueError if some token id would fall outside a model embedding of ``model_vocab_size`` rows."""
-        if self.vocab_size > model_vocab_size:
-            raise ValueError(
-                f"tokenizer {self.source} has {self.vocab_size} tokens but the model's vocab_size is "
-                f"{model_vocab_size}: ids >= {model_vocab_size} have no embedding. Raise model.vocab_size "
-                f"to at least {self.vocab_size} or use a tokenizer with a smaller vocabulary."
-            )
-
     def __repr__(self) -> str:
         return (
             f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, think_start_id={self.think_start_id}, "
@@ -193,11 +186,14 @@ def train_byte_level_bpe(
     return tok
 
 
-def load_tokenizer(data_cfg, rlp_cfg) -> "Tokenizer":
+def bundled_tokenizer() -> Tokenizer:
+    """The byte-level BPE tokenizer trained on the bundled corpus (vocab 512, markers as ids 0-3)."""
+    return Tokenizer.from_file(BUNDLED_TOKENIZER)
+
+
+def load_tokenizer(data_cfg, rlp_cfg) -> Tokenizer:
     """The run's tokenizer: `data.tokenizer` (or the bundled one) with the markers the config names
     (`rlp.think_start`, `rlp.think_end`, `data.eod_token`, `data.pad_token`)."""
-    from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
-
     return Tokenizer.from_file(
         data_cfg.tokenizer or BUNDLED_TOKENIZER,
         think_start=rlp_cfg.think_start,

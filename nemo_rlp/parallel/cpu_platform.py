@@ -70,10 +70,6 @@ def is_installed() -> bool:
     return bool(_installed)
 
 
-def installed_patches() -> list[str]:
-    return sorted(_installed)
-
-
 def install(force: bool = False) -> bool:
     """Apply every CPU patch once. Returns True when the CPU platform is (now) active.
 

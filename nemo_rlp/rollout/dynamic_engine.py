@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from nemo_rlp.rollout.thoughts import answer_argmax, layout_rows, row_buffers
+
 
 def available() -> bool:
     """CUDA and flash-attn >= 2.7.3: what the dynamic engine's attention asserts."""
@@ -102,10 +104,8 @@ def sample_thoughts_dynamic(handle, prefixes: Sequence[Sequence[int]], targets: 
     """`sample_thoughts` through the dynamic engine: the same `ThoughtBatch` layout and fields."""
     from megatron.core.inference.sampling_params import SamplingParams as EngineSampling
 
-    from nemo_rlp.rollout.sampler import _layout_rows, _row_buffers, answer_argmax
-
     G, L = params.group_size, params.max_thought_len
-    prompts, prompt_len, max_positions, tokens, target, caps = _row_buffers(
+    prompts, prompt_len, max_positions, tokens, target, caps = row_buffers(
         prefixes, targets, params, markers, device, thought_caps)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     engine = engine or build_engine(handle, markers, len(prompts) * G, max_positions + 1, seed=seed)
@@ -127,12 +127,10 @@ def sample_thoughts_dynamic(handle, prefixes: Sequence[Sequence[int]], targets: 
         tokens[row, start : start + len(thought)] = torch.tensor(thought, device=device)
         thought_len[row], end_sampled[row] = len(sampled), ended
     close_pos = prompt_len + thought_len - end_sampled.long()
-    return _score_rows(handle, tokens, prompt_len, thought_len, end_sampled, close_pos, target, G, markers,
-                       _layout_rows, answer_argmax)
+    return _score_rows(handle, tokens, prompt_len, thought_len, end_sampled, close_pos, target, G, markers)
 
 
-def _score_rows(handle, tokens, prompt_len, thought_len, end_sampled, close_pos, target, G, markers,
-                layout_rows, answer_argmax):
+def _score_rows(handle, tokens, prompt_len, thought_len, end_sampled, close_pos, target, G, markers):
     """Behaviour log-probs, S_pred and the answer argmax from one teacher-forced forward of the rows."""
     behaviour = torch.zeros(tokens.shape[0], max(1, int(thought_len.max())), device=tokens.device)
     batch = layout_rows(tokens, prompt_len, thought_len, end_sampled, close_pos, target, behaviour,

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from nemo_rlp.rollout.thoughts import filter_logits
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -79,7 +81,6 @@ def decide(logits: torch.Tensor, target: torch.Tensor, params, markers, generato
 
         logits = gather_from_tensor_model_parallel_region(logits)
         shard = VocabShard(0, logits.shape[-1], None)
-    from nemo_rlp.rollout.sampler import filter_logits
 
     # The full vocabulary's noise on every rank (one draw sequence whatever the TP size), sliced.
     # Drawn on the generator's device (the trainer's is a CPU generator, which a CUDA tensor cannot

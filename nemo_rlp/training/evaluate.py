@@ -28,20 +28,17 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from nemo_rlp.data.bundled import BUNDLED_HELDOUT
 from nemo_rlp.data.marked import MarkedDocuments, load_marked_jsonl
 from nemo_rlp.data.tokenizer import Tokenizer
 from nemo_rlp.models.handle import ModelHandle
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, answer_argmax, sample_thoughts
 
 log = logging.getLogger("nemo_rlp")
-
-# The held-out worksheets bundled with the demo corpus (scripts/build_tiny_corpus.py).
-BUNDLED_HELDOUT = Path(__file__).resolve().parent.parent / "data" / "assets" / "tiny_heldout.jsonl"
 
 
 MAX_ANSWER_TOKENS = 8  # an answer is one word; a longer run of word pieces is cut here

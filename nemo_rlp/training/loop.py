@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
-from nemo_rlp.data.sampling import ContextSampler, NTPBatcher, document_lengths
+from nemo_rlp.data.sampling import ContextSampler, NTPBatcher
+from nemo_rlp.data.texts import document_lengths
 from nemo_rlp.data.tokenizer import Tokenizer
 from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed

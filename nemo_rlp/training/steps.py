@@ -36,13 +36,13 @@ single-process gradient of the global mean, however the batch is split over rank
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from nemo_rlp.config import RLPConfig
-from nemo_rlp.data.sampling import ContextSampler, RLPContext, teacher_scorer
+from nemo_rlp.data.sampling import ContextSampler, RLPContext, Scorer
 from nemo_rlp.models.handle import labelled_logprobs, next_token_logprobs, positions_like
 from nemo_rlp.parallel.distributed import data_parallel_sum, reduce_metrics
 from nemo_rlp.rollout.sampler import Markers, SamplingParams, ThoughtBatch, sample_thoughts
@@ -186,6 +186,37 @@ SKIP_REASON = "_skip_reason"
 # ------------------------------------------------------------------------------------------------
 # RLP
 # ------------------------------------------------------------------------------------------------
+
+
+def teacher_scorer(
+    token_logprobs: Callable[[torch.Tensor], torch.Tensor],
+    pad_id: int,
+    device: Any = "cpu",
+    max_rows: int | None = None,
+) -> Scorer:
+    """Step 3's S_ema as the context sampler's :data:`~nemo_rlp.data.sampling.Scorer`: a model's
+    ``token_logprobs`` ([b, s] ids -> [b, s-1] log-probs, e.g. ``ModelHandle.token_logprobs`` of the EMA
+    teacher, in eval mode) over windows right-padded into no-grad forwards of at most ``max_rows`` rows
+    (None: all in one). It lives with the RLP step, not with the data, because it runs the teacher: the
+    sampler only calls it. Right padding is safe for a causal model: no real token attends to a pad."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+
+    def score(windows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        step = max_rows or max(len(windows), 1)
+        for first in range(0, len(windows), step):
+            chunk = windows[first : first + step]
+            lengths = [len(w) for w in chunk]
+            tokens = torch.full((len(chunk), max(lengths)), int(pad_id), dtype=torch.long)
+            for i, w in enumerate(chunk):
+                tokens[i, : len(w)] = torch.as_tensor(np.asarray(w, dtype=np.int64), dtype=torch.long)
+            with torch.no_grad():
+                logprobs = token_logprobs(tokens.to(device)).float().cpu().numpy()
+            out.extend(logprobs[i, : n - 1] for i, n in enumerate(lengths))
+        return out
+
+    return score
 
 
 def sample_contexts(

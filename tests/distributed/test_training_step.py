@@ -12,6 +12,8 @@ default `rlp.pack_rows`); TP=2 also runs with sequence parallelism.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,6 +52,20 @@ def _s_ema(model, prefixes, targets):
     with torch.no_grad():
         logprobs = model.teacher.token_logprobs(tokens)
     return logprobs[torch.arange(len(rows)), torch.tensor([len(r) for r in rows]) - 2]
+
+
+def _rank_rows(batch, start: int, stop: int):
+    """The rows of contexts [start, stop) of a global ThoughtBatch: one data-parallel rank's share.
+    The behaviour log-probs are cut to these rows' longest thought, as the rank's own rollout would be."""
+    rows = slice(start * batch.group_size, stop * batch.group_size)
+    width = max(1, int(batch.thought_len[rows].max()))
+    return dataclasses.replace(
+        batch, tokens=batch.tokens[rows], thought_start=batch.thought_start[rows], thought_len=batch.thought_len[rows],
+        end_sampled=batch.end_sampled[rows], answer_index=batch.answer_index[rows],
+        behaviour_logprobs=None if batch.behaviour_logprobs is None else batch.behaviour_logprobs[rows, :width],
+        s_pred=None if batch.s_pred is None else batch.s_pred[rows],
+        predicted=None if batch.predicted is None else batch.predicted[rows],
+    )
 
 
 def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], weights=None, extra=()) -> dict:
@@ -92,7 +108,7 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], wei
         s_ema = _s_ema(model, prefixes, targets)
         batch = sample_thoughts(model.policy, prefixes, targets, params, markers,
                                 torch.Generator().manual_seed(SEED + step), torch.device("cpu"))
-        metrics = rlp_update(model, batch.select_contexts(c0, c1), s_ema[c0:c1], cfg.rlp)
+        metrics = rlp_update(model, _rank_rows(batch, c0, c1), s_ema[c0:c1], cfg.rlp)
         losses.append(metrics["loss_pg"])
         losses.append(metrics["reward_mean"])
     params_ = dict(model.language_model.named_parameters())

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_rlp.data.corpus import BUNDLED_TOKENIZER
+from nemo_rlp.data.bundled import BUNDLED_TOKENIZER
 
 
 @pytest.fixture(scope="session")

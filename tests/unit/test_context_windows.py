@@ -12,7 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nemo_rlp.data.sampling import ContextSampler, ContextWindow, LogProbBand, teacher_scorer
+from nemo_rlp.data.sampling import ContextSampler, ContextWindow, LogProbBand
+from nemo_rlp.training.steps import teacher_scorer
+from tests.drawn import drawn_contexts
 
 PAD = 0
 
@@ -80,9 +82,10 @@ def test_windows_stay_inside_documents_and_limits(lengths, min_context, extra, k
 def test_one_position_per_document_is_the_plain_stream() -> None:
     docs = _docs([5, 40, 200, 3, 90])
     a = ContextSampler(docs, min_context=4, max_context=16, seed=7)
-    b = ContextSampler(docs, min_context=4, max_context=16, seed=7)
     windows = a.sample_windows(300)
-    assert [c for w in windows for c in w.contexts()] == b.sample(300)
+    contexts = [c for w in windows for c in w.contexts()]
+    assert len(contexts) == 300 and all(c.prefix == docs[c.doc_index][max(0, c.position - 16):c.position]
+                                        and c.target == docs[c.doc_index][c.position] for c in contexts)
     # The prefix is as long as allowed: the window ends at the single position.
     assert all(len(w.offsets) == 1 and w.start == max(0, w.start + w.offsets[0] - 16) for w in windows)
 
@@ -100,7 +103,7 @@ def test_long_documents_are_windowed() -> None:
 def test_positions_uniform_in_a_short_document() -> None:
     docs = _docs([20])
     sampler = ContextSampler(docs, min_context=2, max_context=64, seed=3, positions_per_document=3)
-    counts = np.bincount([c.position for c in sampler.sample(18_000)], minlength=20)
+    counts = np.bincount([c.position for c in drawn_contexts(sampler, 18_000)], minlength=20)
     assert counts[:2].sum() == 0
     assert np.allclose(counts[2:] / 1000, 1.0, atol=0.1)  # 18 positions, 1000 expected each
 
@@ -138,14 +141,14 @@ def test_same_seed_same_windows_and_restore_continues() -> None:
         return ContextSampler(docs, min_context=4, max_context=32, seed=seed, positions_per_document=3)
 
     assert make(3).sample_windows(100) == make(3).sample_windows(100)
-    assert make(3).sample(100) != make(4).sample(100)
+    assert drawn_contexts(make(3), 100) != drawn_contexts(make(4), 100)
     sampler = make(11)
-    sampler.sample(37)  # ends inside a window: the rest of it is not carried over, the stream is
+    drawn_contexts(sampler, 37)  # ends inside a window: the rest of it is not carried over, the stream is
     state = json.loads(json.dumps(sampler.state_dict()))
-    expected = sampler.sample(10) + sampler.sample(25)
+    expected = drawn_contexts(sampler, 10) + drawn_contexts(sampler, 25)
     restored = make(999)
     restored.load_state_dict(state)
-    assert restored.sample(10) + restored.sample(25) == expected
+    assert drawn_contexts(restored, 10) + drawn_contexts(restored, 25) == expected
     assert restored.state_dict() == sampler.state_dict()
     other_k = ContextSampler(docs, min_context=4, max_context=32, seed=11, positions_per_document=2)
     with pytest.raises(ValueError, match="positions_per_document=3.*same data and settings"):
@@ -182,8 +185,6 @@ def test_logprob_band_keeps_only_positions_in_the_band(toy: ToyCausalLM) -> None
 def test_position_filter_errors(toy: ToyCausalLM) -> None:
     docs = _docs([30, 40])
     sampler = ContextSampler(docs, min_context=2, max_context=8, seed=0, position_filter=LogProbBand(-1.0, 0.0))
-    with pytest.raises(ValueError, match=r"position filter.*sample_windows\(n, scorer\)"):
-        sampler.sample(4)
     with pytest.raises(ValueError, match="pass scorer="):
         sampler.sample_windows(4)
     never = ContextSampler(docs, min_context=2, max_context=8, seed=0, positions_per_document=2,

@@ -430,10 +430,6 @@ def test_install_is_idempotent():
     assert cpu_platform.is_installed()
 
 
-def test_installed_patches_lists_every_patch():
-    assert cpu_platform.installed_patches() == sorted(cpu_platform._PATCHES)
-
-
 def test_install_does_nothing_when_cuda_is_available():
     # In a fresh interpreter, so that nothing here is already patched.
     script = textwrap.dedent(
@@ -449,7 +445,7 @@ def test_install_does_nothing_when_cuda_is_available():
         after = [getattr(torch.cuda, n) for n in names] + [torch.Tensor.cuda, torch.Tensor.pin_memory]
         assert all(a is b for a, b in zip(before, after)), "torch was patched"
         assert not _get_current_function_mode_stack(), "a TorchFunctionMode was entered"
-        assert cpu_platform.installed_patches() == [] and not cpu_platform.is_installed()
+        assert not cpu_platform.is_installed()
         loaded = sorted(m for m in sys.modules if m.startswith("megatron"))
         assert not loaded, f"megatron modules were imported (and maybe patched): {loaded}"
         print("unchanged")

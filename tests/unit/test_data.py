@@ -17,15 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nemo_rlp.data import synthetic
-from nemo_rlp.data.corpus import (
-    BUNDLED_CORPUS,
-    BUNDLED_TOKENIZER,
-    bundled_tokenizer,
-    load_jsonl_documents,
-    load_jsonl_documents_with_stats,
-)
+from nemo_rlp.data.bundled import BUNDLED_CORPUS, BUNDLED_TOKENIZER
+from nemo_rlp.data.corpus import load_jsonl_documents, load_jsonl_documents_with_stats
 from nemo_rlp.data.sampling import ContextSampler, NTPBatcher
-from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.data.tokenizer import Tokenizer, bundled_tokenizer
+from tests.drawn import drawn_contexts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "build_tiny_corpus.py"
@@ -80,13 +76,6 @@ def test_bundled_tokenizer_round_trips_the_corpus(tok: Tokenizer, bundled_texts:
 
 def test_digits_are_single_tokens(tok: Tokenizer) -> None:
     assert [tok.decode([i]) for i in tok.encode(" has 305 + 12")] == [" has", " 3", "0", "5", " +", " 1", "2"]
-
-
-def test_vocab_too_large_for_model(tok: Tokenizer) -> None:
-    tok.check_fits(1024)
-    tok.check_fits(2048)
-    with pytest.raises(ValueError, match=r"1024 tokens.*vocab_size is 100.*Raise model.vocab_size"):
-        tok.check_fits(100)
 
 
 def _save_word_level(tmp_path: Path, vocab: list[str]) -> Path:
@@ -209,12 +198,12 @@ def test_contexts_stay_inside_their_document(lengths: list[int], min_context: in
         return
     sampler = ContextSampler(docs, min_context=min_context, max_context=min_context + extra, seed=seed)
     assert sampler.num_excluded == len(lengths) - eligible
-    _check_contexts(docs, sampler.sample(50), min_context, min_context + extra)
+    _check_contexts(docs, drawn_contexts(sampler, 50), min_context, min_context + extra)
 
 
 def test_contexts_on_bundled_corpus(bundled_docs: list[list[int]]) -> None:
     sampler = ContextSampler(bundled_docs, min_context=8, max_context=32, seed=0)
-    contexts = sampler.sample(500)
+    contexts = drawn_contexts(sampler, 500)
     _check_contexts(bundled_docs, contexts, 8, 32)
     assert any(len(c.prefix) == 32 for c in contexts) and any(len(c.prefix) < 32 for c in contexts)
 
@@ -223,18 +212,18 @@ def test_context_sampler_same_seed_same_contexts(bundled_docs: list[list[int]]) 
     def make(seed: int) -> ContextSampler:
         return ContextSampler(bundled_docs, min_context=4, max_context=64, seed=seed)
 
-    assert make(3).sample(100) == make(3).sample(100)
-    assert make(3).sample(100) != make(4).sample(100)
+    assert drawn_contexts(make(3), 100) == drawn_contexts(make(3), 100)
+    assert drawn_contexts(make(3), 100) != drawn_contexts(make(4), 100)
 
 
 def test_context_sampler_restore_continues_exactly(bundled_docs: list[list[int]]) -> None:
     sampler = ContextSampler(bundled_docs, min_context=4, max_context=64, seed=11)
-    sampler.sample(37)
+    drawn_contexts(sampler, 37)
     state = json.loads(json.dumps(sampler.state_dict()))  # plain types: survives any checkpoint format
-    expected = sampler.sample(10) + sampler.sample(25)
+    expected = drawn_contexts(sampler, 10) + drawn_contexts(sampler, 25)
     restored = ContextSampler(bundled_docs, min_context=4, max_context=64, seed=999)
     restored.load_state_dict(state)
-    assert restored.sample(10) + restored.sample(25) == expected
+    assert drawn_contexts(restored, 10) + drawn_contexts(restored, 25) == expected
     assert restored.num_sampled == sampler.num_sampled == 72
     with pytest.raises(ValueError, match="same data"):
         ContextSampler(bundled_docs[:-1], min_context=4, max_context=64, seed=11).load_state_dict(state)

@@ -18,17 +18,14 @@ import pytest
 import torch
 
 from nemo_rlp.config import ConfigError, load_config
-from nemo_rlp.data.corpus import (
-    BUNDLED_CORPUS,
-    BUNDLED_TOKENIZER,
-    bundled_tokenizer,
-    load_jsonl_documents,
-    read_jsonl_texts,
-)
+from nemo_rlp.data.bundled import BUNDLED_CORPUS, BUNDLED_TOKENIZER
+from nemo_rlp.data.corpus import load_jsonl_documents, load_text_documents, read_jsonl_texts
 from nemo_rlp.data.indexed import IndexedDocuments, preprocess, token_dtype, write_indexed_dataset
-from nemo_rlp.data.sampling import ContextSampler, NTPBatcher, document_lengths
-from nemo_rlp.data.sources import BlendedDocuments, iter_texts, load_documents, load_text_documents
-from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.data.sampling import ContextSampler, NTPBatcher
+from nemo_rlp.data.sources import BlendedDocuments, load_documents
+from nemo_rlp.data.texts import document_lengths, iter_texts
+from nemo_rlp.data.tokenizer import Tokenizer, bundled_tokenizer
+from tests.drawn import drawn_contexts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,8 +94,8 @@ def test_indexed_matches_jsonl(corpus: Path, tok: Tokenizer, prefixes: dict[str,
     restored = NTPBatcher(indexed, seq_len=64, eod_id=tok.eod_id, seed=0)
     restored.load_state_dict(json.loads(json.dumps(a.state_dict())))  # mid-epoch, from the JSONL batcher
     assert all(torch.equal(a.next_batch(4), restored.next_batch(4)) for _ in range(5))
-    ca = ContextSampler(jsonl, min_context=4, max_context=32, seed=5, positions_per_document=3).sample(200)
-    cb = ContextSampler(indexed, min_context=4, max_context=32, seed=5, positions_per_document=3).sample(200)
+    ca = drawn_contexts(ContextSampler(jsonl, min_context=4, max_context=32, seed=5, positions_per_document=3), 200)
+    cb = drawn_contexts(ContextSampler(indexed, min_context=4, max_context=32, seed=5, positions_per_document=3), 200)
     assert ca == cb
 
 
@@ -290,7 +287,7 @@ def test_blend_draws_sources_by_weight() -> None:
     assert all(docs.count(d) == 16 for d in a)  # each of a 16 times
     assert blend.lengths.tolist() == [len(d) for d in docs]
     sampler = ContextSampler(blend, min_context=1, max_context=8, seed=0)
-    from_a = np.mean([c.target < 2000 for c in sampler.sample(4000)])
+    from_a = np.mean([c.target < 2000 for c in drawn_contexts(sampler, 4000)])
     assert abs(from_a - 0.8) < 0.03
     assert BlendedDocuments([a, b], [4, 1]).counts.tolist() == blend.counts.tolist()  # weights are normalised
 

@@ -10,11 +10,12 @@ import pytest
 
 from nemo_rlp.config import ConfigError, load_config
 from nemo_rlp.data import synthetic
-from nemo_rlp.data.corpus import BUNDLED_CORPUS, bundled_tokenizer
+from nemo_rlp.data.bundled import BUNDLED_CORPUS
 from nemo_rlp.data.marked import char_to_token_positions, load_marked_jsonl
 from nemo_rlp.data.sampling import ContextSampler
-from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.data.tokenizer import Tokenizer, bundled_tokenizer
 from nemo_rlp.training.evaluate import BUNDLED_HELDOUT, answer_positions
+from tests.drawn import drawn_contexts
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_bundled_marks_are_answer_tokens(bundled, tok) -> None:
 def test_marked_sampler_draws_only_marks(bundled) -> None:
     marks = {(d, p) for d, ps in enumerate(bundled.marks) for p in ps}
     sampler = ContextSampler(bundled, min_context=8, max_context=64, seed=0, marks=bundled.marks)
-    contexts = sampler.sample(200)
+    contexts = drawn_contexts(sampler, 200)
     assert all((c.doc_index, c.position) in marks for c in contexts)
     assert all(8 <= len(c.prefix) <= 64 and c.target == bundled[c.doc_index][c.position] for c in contexts)
     # Several positions per window: every one a mark, in one window that ends at the last.
@@ -105,11 +106,11 @@ def test_marked_sampler_draws_only_marks(bundled) -> None:
 
 def test_marked_sampler_state_refuses_an_unmarked_sampler(bundled) -> None:
     marked = ContextSampler(bundled, min_context=8, max_context=64, seed=0, marks=bundled.marks)
-    marked.sample(5)
+    drawn_contexts(marked, 5)
     state = marked.state_dict()
     again = ContextSampler(bundled, min_context=8, max_context=64, seed=0, marks=bundled.marks)
     again.load_state_dict(state)
-    assert [c.position for c in again.sample(20)] == [c.position for c in marked.sample(20)]
+    assert [c.position for c in drawn_contexts(again, 20)] == [c.position for c in drawn_contexts(marked, 20)]
     with pytest.raises(ValueError, match="rlp_positions"):
         ContextSampler(bundled, min_context=8, max_context=64, seed=0).load_state_dict(state)
 
@@ -168,4 +169,4 @@ def test_uniform_documents_cannot_be_drawn_as_marked(tok) -> None:
     cfg = load_config([]).data
     with pytest.raises(ValueError, match="rlp_positions=marked"):
         ContextSampler.from_config([[1, 2, 3] * 10], cfg, seed=0)
-    assert np.all(np.asarray(ContextSampler.from_config([[1, 2, 3] * 10], load_config(["data.rlp_positions=uniform"]).data, seed=0).sample(3)[0].prefix) > 0)
+    assert np.all(np.asarray(drawn_contexts(ContextSampler.from_config([[1, 2, 3] * 10], load_config(["data.rlp_positions=uniform"]).data, seed=0), 3)[0].prefix) > 0)

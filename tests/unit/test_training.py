@@ -20,6 +20,7 @@ from nemo_rlp.training.schedule import NTP, RLP, step_kind
 from nemo_rlp.training.steps import rlp_step, run_schedule, sample_contexts
 
 from tests.tiny_run import TINY_RUN
+from tests.drawn import drawn_contexts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,7 +136,7 @@ def test_zero_advantages_give_zero_gradients(trainer):
 
 def test_rlp_step_metrics_are_consistent(trainer):
     state = trainer.context_sampler.state_dict()
-    contexts = trainer.context_sampler.sample(trainer.cfg.rlp.contexts_per_step)
+    contexts = drawn_contexts(trainer.context_sampler, trainer.cfg.rlp.contexts_per_step)
     trainer.context_sampler.load_state_dict(state)  # the step draws these same contexts
     metrics, batch, rewards = rlp_step(trainer.model, trainer.context_sampler, trainer.cfg.rlp.contexts_per_step,
                                        trainer.cfg.rlp, trainer.markers, trainer.generator, trainer.layout.device)
