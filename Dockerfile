@@ -14,7 +14,6 @@ FROM ${NEMO_IMAGE}
 WORKDIR /opt/nemo-rlp
 COPY pyproject.toml README.md ./
 COPY nemo_rlp ./nemo_rlp
-COPY conf ./conf
 COPY recipes ./recipes
 COPY slurm ./slurm
 

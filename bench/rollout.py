@@ -272,11 +272,11 @@ def main() -> None:
         print_mixed(args, median, counters, caps)
         return
     args.contexts = args.contexts or 2
-    available = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml")}
+    available = {p.stem for p in (Path(__file__).resolve().parents[1] / "nemo_rlp" / "conf" / "model").glob("*.yaml")}
     rows = []
     for name in args.models:
         if name not in available:
-            print(f"skipping model {name}: no conf/model/{name}.yaml", file=sys.stderr)
+            print(f"skipping model {name}: no nemo_rlp/conf/model/{name}.yaml", file=sys.stderr)
             continue
         rows += bench_model(name, args.lengths, args.group_size, args.contexts, args.context_len, args.allow_end)
     print_uniform(args, rows)

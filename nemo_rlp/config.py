@@ -1,4 +1,4 @@
-"""The run configuration: typed dataclasses, composed by Hydra from `conf/`, validated before any work.
+"""The run configuration: typed dataclasses, composed by Hydra from `nemo_rlp/conf/`, validated before any work.
 
 Config is data. Every module receives the piece of this tree it needs; none reads the environment or
 globals behind the config's back. `load_config` is the one way a run gets its config (the Hydra entry
@@ -26,7 +26,7 @@ from nemo_rlp.data.sources import FORMATS
 from nemo_rlp.rollout.modes import GPU_MODES as GPU_ROLLOUT_MODES
 from nemo_rlp.rollout.modes import MODES as ROLLOUT_MODES
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -207,6 +207,20 @@ class ParallelConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard: the same scalars, from the main rank only
+    (`nemo_rlp.training.metrics`). Needs the `wandb` extra (`pip install 'nemo-rlp[wandb]'`)."""
+
+    enabled: bool = False
+    project: str = "nemo-rlp"
+    entity: Optional[str] = None  # None: the W&B default entity of the logged-in user
+    name: Optional[str] = None  # None: the output directory's name (also every invocation's W&B group)
+    # offline: no network; the run is written under `dir` and uploaded later with `wandb sync`.
+    mode: str = "online"
+    dir: Optional[str] = None  # None: the output directory (W&B writes <dir>/wandb/)
+
+
+@dataclass
 class LoggingConfig:
     # None: outputs/<model.name>-<hash of the config less volatile keys>, relative to the launch
     # directory: the same for every invocation of one run (checkpoints, metrics and report together).
@@ -218,6 +232,32 @@ class LoggingConfig:
     show_thoughts: int = 1
     # At the end: <output_dir>/report/report.md, PNG plots and summary.json (nemo_rlp.training.report).
     report: bool = True
+    # Dense peak TFLOP/s of one device in the training dtype (e.g. 989 for an H100 SXM in bf16):
+    # the logs then carry MFU, the model FLOPs a device ran per second over this. None: no MFU.
+    peak_tflops: Optional[float] = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def validate_logging(lg: LoggingConfig) -> None:
+    """The checks of the `logging` section that are not a plain range (`validate` calls it)."""
+    if lg.peak_tflops is not None and not lg.peak_tflops > 0:
+        _fail("logging.peak_tflops", lg.peak_tflops, "null (no MFU) or the device's peak TFLOP/s, > 0")
+    w = lg.wandb
+    if w.mode not in WANDB_MODES:
+        _fail("logging.wandb.mode", w.mode, f"one of {', '.join(map(repr, WANDB_MODES))}")
+    if w.enabled and not str(w.project or "").strip():
+        _fail("logging.wandb.project", w.project, "a W&B project name")
+    if w.enabled:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "logging.wandb.enabled=true needs the wandb package, which is not installed: "
+                "pip install 'nemo-rlp[wandb]' (or pip install wandb), or set logging.wandb.enabled=false"
+            )
 
 
 @dataclass
@@ -359,7 +399,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> RunConfig:
-    """Compose `conf/<config_name>.yaml` with command-line style overrides, then validate."""
+    """Compose `nemo_rlp/conf/<config_name>.yaml` with command-line style overrides, then validate."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -600,6 +640,7 @@ def _validate_logging(lg: LoggingConfig) -> None:
     _at_least_one("logging", lg, ("log_every",))
     if lg.show_thoughts < 0:
         _fail("logging.show_thoughts", lg.show_thoughts, "an integer >= 0")
+    validate_logging(lg)
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:

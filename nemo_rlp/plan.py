@@ -8,7 +8,7 @@
 work, from the sampler's replayed schedule and host work measured on CPU (`nemo_rlp.planning`,
 section "Time per RLP step"); it warns when the rollout decode is host-bound.
 
-EXPERIMENT names a file in conf/experiment/ (`none`: the base config alone). The overrides are the
+EXPERIMENT names a file in nemo_rlp/conf/experiment/ (`none`: the base config alone). The overrides are the
 same Hydra overrides the training entry point takes, and the config is validated the same way. It
 prints the parameters, the memory per GPU phase by phase, tokens and FLOPs per step and the token
 budget of a compute-matched CPT baseline (the model and its assumptions: `nemo_rlp.planning`).
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nemo_rlp.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", help="a name in conf/experiment/ (without .yaml), or 'none'")
+    parser.add_argument("experiment", help="a name in nemo_rlp/conf/experiment/ (without .yaml), or 'none'")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m nemo_rlp.train")
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (tasks) per node (default 8)")
@@ -86,7 +86,7 @@ def build_plan(args: argparse.Namespace):
 
     if args.experiment != "none" and args.experiment not in _experiments():
         raise ConfigError(
-            f"experiment {args.experiment!r} is not in conf/experiment/; one of: {', '.join(_experiments())} (or none)"
+            f"experiment {args.experiment!r} is not in nemo_rlp/conf/experiment/; one of: {', '.join(_experiments())} (or none)"
         )
     for key in ("nodes", "gpus_per_node"):
         if getattr(args, key) < 1:
@@ -102,7 +102,7 @@ def build_plan(args: argparse.Namespace):
     return make_plan(cfg, hardware, counts, experiment=args.experiment, what_if=_what_if(args.what_if))
 
 
-PLACEHOLDER = "<SET ON THE COMMAND LINE"  # the experiments' data placeholders (conf/experiment/)
+PLACEHOLDER = "<SET ON THE COMMAND LINE"  # the experiments' data placeholders (nemo_rlp/conf/experiment/)
 
 
 def _explain_missing(message: str) -> str:

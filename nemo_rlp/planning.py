@@ -618,6 +618,57 @@ def schedule_counts(cfg: RunConfig) -> tuple[int, int]:
     return steps - rlp, rlp
 
 
+# ------------------------------------------------------------------------------------------------
+# FLOPs (module docstring): shared by the plan (worst-case token counts) and the training logs' MFU
+# (the tokens a step actually ran; `nemo_rlp.training.metrics.throughput`)
+# ------------------------------------------------------------------------------------------------
+
+FORWARD_FLOPS_PER_PARAMETER = 2  # per token run forward only
+TRAIN_FLOPS_PER_PARAMETER = 6  # per trained token: forward and backward
+
+
+def model_flops(matmul_parameters: float, forward_tokens: float, trained_tokens: float) -> float:
+    """FLOPs of `forward_tokens` forward-only and `trained_tokens` trained tokens through N
+    `matmul_parameters` (the quadratic attention term left out)."""
+    return matmul_parameters * (FORWARD_FLOPS_PER_PARAMETER * forward_tokens + TRAIN_FLOPS_PER_PARAMETER * trained_tokens)
+
+
+def rollout_tokens(mode: str, group_size: int, prefix_lengths, thought_lengths) -> tuple[float, float]:
+    """(prefill tokens, decoding steps x rows) of one rollout batch in `rlp.rollout_mode` `mode`:
+    `prefix_lengths` per context (its context and the start marker), `thought_lengths` per row (G
+    rows per context, in order). Every row decodes its thought and one more step (S_pred)."""
+    import numpy as np
+
+    prefix = np.asarray(prefix_lengths, dtype=np.float64)
+    thought = np.asarray(thought_lengths, dtype=np.float64)
+    if mode in ("shared_prefill", "rows"):
+        return float(prefix.sum()), float((thought + 1).sum())
+    if mode == "cache":
+        return float(group_size * prefix.sum()), float((thought + 1).sum())
+    # recompute: every decoding step runs the whole prefix again, sum over i = 0..len of (prefix + i)
+    per_row = np.repeat(prefix, group_size)
+    return float(((thought + 1) * per_row + thought * (thought + 1) / 2).sum()), 0.0
+
+
+def extra_forward_tokens(r, trained_tokens: float) -> float:
+    """Forward-only tokens an RLP update spends beside its training forward: θ_old's log-probs of the
+    rows trained after the first update (several minibatches, `recompute`; S_pred comes from the
+    rollout whatever the microbatches) and the KL reference's forward (`rlp.kl_beta` > 0)."""
+    later_rows = 1 - 1 / r.num_minibatches
+    return trained_tokens * ((r.logprob_source == "recompute") * later_rows + (r.kl_beta > 0))
+
+
+def local_matmul_parameters(model, post_process: bool = True) -> int:
+    """N of the module docstring for the shard of the model one rank holds (its tensor-parallel
+    shard of its pipeline stage): all parameters but the input embedding, which multiplies only when
+    it is also the output layer (tied, and this stage the last: no `output_layer.weight` of its own)."""
+    names = dict(model.named_parameters())
+    total = sum(p.numel() for p in names.values())
+    embedding = next((p.numel() for n, p in names.items() if n.endswith("embedding.word_embeddings.weight")), 0)
+    own_output = any(n.endswith("output_layer.weight") for n in names)
+    return total - (0 if post_process and not own_output else embedding)
+
+
 @dataclass(frozen=True)
 class StepTokens:
     """Tokens through the model in one RLP step and one NTP step (all replicas), by what they cost:
@@ -635,11 +686,11 @@ class StepTokens:
         return self.teacher + self.prefill + self.decode + self.extra_forward
 
     def rlp_flops(self, n: float) -> float:
-        """2N per forward-only token, 6N per trained token (the quadratic attention term left out)."""
-        return 2 * n * self.rlp_forward_only + 6 * n * self.trained
+        """2N per forward-only token, 6N per trained token (:func:`model_flops`)."""
+        return model_flops(n, self.rlp_forward_only, self.trained)
 
     def ntp_flops(self, n: float) -> float:
-        return 6 * n * self.ntp
+        return model_flops(n, 0, self.ntp)
 
 
 def step_tokens(cfg: RunConfig) -> StepTokens:
@@ -647,22 +698,13 @@ def step_tokens(cfg: RunConfig) -> StepTokens:
     data.max_context tokens, every thought at rlp.max_thought_len."""
     r, d, t = cfg.rlp, cfg.data, cfg.trainer
     B, G, L, c = r.contexts_per_step, r.group_size, r.max_thought_len, d.max_context
-    if r.rollout_mode in ("shared_prefill", "rows"):
-        prefill = B * (c + 1)
-    elif r.rollout_mode == "cache":
-        prefill = B * G * (c + 1)
-    else:  # recompute: every decoding step runs the whole prefix again
-        prefill = B * G * sum(c + 1 + i for i in range(L + 1))
+    prefill, decode = (int(x) for x in rollout_tokens(r.rollout_mode, G, [c + 1] * B, [L] * (B * G)))
     trained = B * G * (c + L + 2)
-    # A forward-only pass for θ_old's log-probs of the rows trained after the first update (several
-    # minibatches, `recompute`); S_pred comes from the rollout whatever the microbatches. Plus the KL
-    # reference's forward.
-    later_rows = 1 - 1 / r.num_minibatches
     return StepTokens(
         teacher=-(-B // d.positions_per_document) * (c + 1),
         prefill=prefill,
-        decode=B * G * (L + 1) if r.rollout_mode != "recompute" else 0,
-        extra_forward=trained * ((r.logprob_source == "recompute") * later_rows + (r.kl_beta > 0)),
+        decode=decode,
+        extra_forward=extra_forward_tokens(r, trained),
         trained=trained,
         ntp=t.ntp_batch_size * d.ntp_seq_len,
     )
@@ -718,19 +760,19 @@ def _tokens_and_flops(plan: Plan) -> None:
         "trained tokens (B*G*(c+L+2))": trained,
         "NTP step tokens": ntp,
     }
-    rlp_flops = 2 * n * (teacher + prefill + decode + extra_forward) + 6 * n * trained
+    rlp_flops = model_flops(n, teacher + prefill + decode + extra_forward, trained)
     plan.flops = {
-        "RLP step: forward-only (2N x teacher, prefill, decoding tokens)": 2 * n * (teacher + prefill + decode + extra_forward),
-        "RLP step: training (6N x trained tokens)": 6 * n * trained,
+        "RLP step: forward-only (2N x teacher, prefill, decoding tokens)": model_flops(n, teacher + prefill + decode + extra_forward, 0),
+        "RLP step: training (6N x trained tokens)": model_flops(n, 0, trained),
         "RLP step total": rlp_flops,
-        "NTP step (6N x tokens)": 6 * n * ntp,
+        "NTP step (6N x tokens)": model_flops(n, 0, ntp),
     }
     ntp_steps, rlp_steps = schedule_counts(cfg)
     context_tokens = B * c * rlp_steps
     ntp_tokens = ntp * ntp_steps
     plan.run = {
         "steps (NTP / RLP)": (ntp_steps, rlp_steps),
-        "run FLOPs": rlp_flops * rlp_steps + 6 * n * ntp * ntp_steps,
+        "run FLOPs": rlp_flops * rlp_steps + model_flops(n, 0, ntp) * ntp_steps,
         "n*l_seq*bs*iters (G*L*B*RLP steps)": G * L * B * rlp_steps,
         "T_inp: RLP contexts (B*c*RLP steps, upper bound)": context_tokens,
         "T_inp: NTP tokens": ntp_tokens,

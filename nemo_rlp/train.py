@@ -38,7 +38,7 @@ def _config_error(err: ConfigError) -> None:
     sys.exit(2)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     from nemo_rlp.preflight import preflight
     from nemo_rlp.run_dirs import checkpoint_dir, default_output_dir

@@ -7,7 +7,7 @@ Megatron-Bridge, inside the NVIDIA NeMo container (on a GPU).
     torchrun --nproc-per-node 8 recipes/import_checkpoint.py ... parallel.tensor_model_parallel_size=8
 
 Further arguments are Hydra overrides of the model (`model.*`) and the layout (`parallel.*`), as for
-the trainer. The model is this project's own (`nemo_rlp.models.build_model` on conf/model/NAME.yaml),
+the trainer. The model is this project's own (`nemo_rlp.models.build_model` on nemo_rlp/conf/model/NAME.yaml),
 built on the GPU with Transformer Engine layers, so the checkpoint's keys are exactly those of the
 model the trainer builds. Megatron-Bridge's `AutoBridge.from_hf_pretrained(HF).load_hf_weights([model])`
 maps the Hugging Face tensors onto it and shards them over tensor-parallel ranks. Before that, every
@@ -104,7 +104,7 @@ def _auto_bridge():
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="a Hugging Face checkpoint directory (config.json + safetensors)")
-    parser.add_argument("--model", required=True, help="a name in conf/model/ (e.g. qwen3_1p7b, nemotron_nano_12b_v2)")
+    parser.add_argument("--model", required=True, help="a name in nemo_rlp/conf/model/ (e.g. qwen3_1p7b, nemotron_nano_12b_v2)")
     parser.add_argument("--out", required=True, help="output directory (must not hold a checkpoint already)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run the checkpoint's own modeling code (Nemotron-H needs it)")

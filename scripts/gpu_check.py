@@ -365,7 +365,7 @@ def run_hf_roundtrip(ctx: Context) -> StepResult:
 
 
 def _check_tiny_qwen3_config(work: Path) -> str:
-    """A tiny Qwen3 written by transformers; its config.json checked against conf/model/qwen3_1p7b."""
+    """A tiny Qwen3 written by transformers; its config.json checked against nemo_rlp/conf/model/qwen3_1p7b."""
     import importlib.util
 
     import transformers

@@ -12,7 +12,7 @@
 # same overrides, prints the srun line, and exits with the plan's status (0 fits, 1 does not fit,
 # 2 config error).
 #
-# Environment (all optional): EXPERIMENT (a name in conf/experiment/), IMAGE (a container image or
+# Environment (all optional): EXPERIMENT (a name in nemo_rlp/conf/experiment/), IMAGE (a container image or
 # .sqsh file; a .sqsh built once from ./Dockerfile starts fastest), MOUNTS (comma-separated
 # src:dst, e.g. "$PWD:$PWD,/lustre/data:/lustre/data"), RUN_DIR (per-job output directory),
 # NODES and GPUS_PER_NODE (taken from Slurm inside a job), PREFLIGHT=0 (skip the in-job plan),

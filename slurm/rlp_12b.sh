@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# RLP on Nemotron-Nano-12B-v2 with the paper's settings (conf/experiment/rlp_nemotron_nano_12b_v2.yaml):
+# RLP on Nemotron-Nano-12B-v2 with the paper's settings (nemo_rlp/conf/experiment/rlp_nemotron_nano_12b_v2.yaml):
 # TP = 8, one node per model replica, 8 nodes = 8 data-parallel replicas of 64 contexts each.
 # Submit from the repository root; every argument is a Hydra override:
 #   sbatch slurm/rlp_12b.sh data.corpus=/data/corpus data.tokenizer=/ckpt/Nemotron-Nano-12B-v2-Base/tokenizer.json

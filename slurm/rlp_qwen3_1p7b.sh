@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# RLP on Qwen3-1.7B with the paper's settings (conf/experiment/rlp_qwen3_1p7b.yaml): TP = 8, one node
+# RLP on Qwen3-1.7B with the paper's settings (nemo_rlp/conf/experiment/rlp_qwen3_1p7b.yaml): TP = 8, one node
 # per model replica, 8 nodes = 8 data-parallel replicas of 64 contexts each (the experiment file says
 # why a 1.7B model needs that much today).
 # Submit from the repository root; every argument is a Hydra override:

@@ -28,11 +28,12 @@ from nemo_rlp.data.texts import document_lengths
 from nemo_rlp.data.tokenizer import Tokenizer
 from nemo_rlp.models import padded_vocab_size
 from nemo_rlp.parallel import distributed
+from nemo_rlp.planning import local_matmul_parameters
 from nemo_rlp.preflight import RunInputs, load_inputs
 from nemo_rlp.rollout.sampler import Markers
 from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, load_error, rng_state, set_rng_state
 from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation
-from nemo_rlp.training.metrics import MetricsLogger
+from nemo_rlp.training.metrics import MetricsLogger, throughput
 from nemo_rlp.training.policy import PolicyWithTeacher
 from nemo_rlp.training.preemption import PreemptionHandler
 from nemo_rlp.training.report import first_and_last_fifth, read_metrics, write_report
@@ -156,6 +157,9 @@ class Trainer:
         self.model = PolicyWithTeacher(cfg, vocab_size, layout)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %s, %d parameters on this rank; %s", cfg.model.name, n_params, layout)
+        # N of the FLOP accounting for this rank's shard (tokens/s and MFU in the logs).
+        lm = self.model.language_model
+        self.matmul_parameters = local_matmul_parameters(lm, post_process=getattr(lm, "post_process", True))
 
         # Read (and checked) up front: a bad held-out file should not wait for the end of the run.
         self.eval_positions = inputs.eval_positions
@@ -251,6 +255,7 @@ class Trainer:
         metrics = MetricsLogger(
             self.output_dir, cfg.logging.metrics_file, cfg.logging.tensorboard, self.layout.is_main, cfg.trainer.steps,
             resume_step=self.step,  # also 0: a fresh start in a used directory begins a new history
+            wandb=cfg.logging.wandb, run_config=as_dict(cfg),
         )
         if self.layout.is_main:
             (self.output_dir / "resolved_config.json").write_text(json.dumps(as_dict(cfg), indent=2))
@@ -270,8 +275,11 @@ class Trainer:
                         break
                     t0 = time.perf_counter()
                     kind, step_metrics = self.train_step()
+                    seconds = time.perf_counter() - t0
                     if self.step % cfg.logging.log_every == 0 or self.step == cfg.trainer.steps:
-                        metrics.log(self.step - 1, kind, step_metrics, time.perf_counter() - t0)
+                        step_metrics.update(throughput(step_metrics, seconds, self.matmul_parameters,
+                                                       self.layout.data_parallel, cfg.logging.peak_tflops))
+                        metrics.log(self.step - 1, kind, step_metrics, seconds)
                     warmup = cfg.trainer.schedule.ntp_warmup_steps
                     if cfg.eval.after_warmup and self.step == warmup and self.step < cfg.trainer.steps:
                         self.evaluate("after_warmup")

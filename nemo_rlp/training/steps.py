@@ -35,6 +35,7 @@ single-process gradient of the global mean, however the batch is split over rank
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -165,7 +166,7 @@ def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor, micro_batch_size: i
     outputs = run_schedule(model, losses)
     metrics = reduce_metrics(outputs)
     result = model.optimizer_step(metrics)
-    metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
+    metrics.update(grad_norm=result.grad_norm, updated=float(result.updated), trained_tokens=float(global_tokens))
     _note_skip(metrics, result)
     return metrics
 
@@ -221,15 +222,18 @@ def teacher_scorer(
 
 def sample_contexts(
     model: PolicyWithTeacher, sampler: ContextSampler, n: int, pad: int, device: torch.device,
-    windows_per_forward: int = 0,
+    windows_per_forward: int = 0, counts: dict | None = None,
 ) -> tuple[list[RLPContext], torch.Tensor]:
     """Draw n contexts and their S_ema = log p̄_φ(x_t | x_<t) [n]: one teacher forward per document
     window scores every position sampled from it (and feeds the optional position filter); the
-    teacher scores `windows_per_forward` windows at a time (0: all at once)."""
+    teacher scores `windows_per_forward` windows at a time (0: all at once). `counts`, when given,
+    gets the teacher-scored tokens (`teacher_tokens`, for the step's FLOPs)."""
     scorer = teacher_scorer(model.teacher.token_logprobs, pad, device, max_rows=windows_per_forward or None)
     windows = sampler.sample_windows(n, scorer=scorer)
     contexts = [c for w in windows for c in w.contexts()]
     s_ema = torch.from_numpy(np.concatenate([w.s_ema() for w in windows])).to(device)
+    if counts is not None:
+        counts["teacher_tokens"] = sum(len(w.tokens) for w in windows)
     return contexts, s_ema
 
 
@@ -248,6 +252,13 @@ def marker_term(model: PolicyWithTeacher, contexts: list[RLPContext], markers: M
     return -torch.log1p(-logp_start.exp().clamp(max=1 - 1e-6))
 
 
+def _clock(device: torch.device) -> float:
+    """Now, once the device has finished the work queued so far (a phase's time is its own)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def rlp_step(
     model: PolicyWithTeacher,
     sampler: ContextSampler,
@@ -258,10 +269,20 @@ def rlp_step(
     device: torch.device,
 ) -> tuple[dict[str, float], ThoughtBatch, torch.Tensor]:
     """Roll out and train on `num_contexts` contexts of this rank. Returns the metrics, the rollouts
-    and their rewards [B, G] by the sampler's S_pred (for logging)."""
+    and their rewards [B, G] by the sampler's S_pred (for logging).
+
+    The metrics carry the step's time split in seconds (`time_teacher_s`: drawing contexts and the
+    teacher's scoring; `time_rollout_s`; `time_update_s`: the optimizer steps and their forward and
+    backward passes) and its token counts over all data-parallel ranks (`thought_tokens` sampled,
+    `trained_tokens` in the trained rows, `forward_tokens` run forward only: teacher, rollout
+    prefill and decoding, extra forwards; counted as `nemo_rlp.planning` counts them for the plan)."""
+    start = _clock(device)
     # φ ← θ at the first RLP batch, before the teacher scores anything.
     model.seed_teacher()
-    contexts, s_ema = sample_contexts(model, sampler, num_contexts, markers.pad, device, cfg.score_batch_windows)
+    counts: dict = {}
+    contexts, s_ema = sample_contexts(model, sampler, num_contexts, markers.pad, device, cfg.score_batch_windows,
+                                      counts=counts)
+    scored = _clock(device)
     params = SamplingParams(
         group_size=cfg.group_size,
         max_thought_len=cfg.max_thought_len,
@@ -281,14 +302,32 @@ def rlp_step(
         ],
         pad=markers.pad,
     )
+    rolled_out = _clock(device)
     metrics = rlp_update(model, batch, s_ema, cfg)
+    updated = _clock(device)
     if cfg.log_marker_term:
         term_sum, count = data_parallel_sum([float(marker_term(model, contexts, markers, device).sum()), len(contexts)])
         metrics["reward_marker_term"] = term_sum / count
         metrics["reward_mean_without_marker"] = metrics["reward_mean"] - metrics["reward_marker_term"]
     metrics["end_marker_rate"] = float(batch.end_sampled.float().mean())
     metrics["thought_len_max"] = float(batch.thought_len.max())
+    metrics.update(time_teacher_s=scored - start, time_rollout_s=rolled_out - scored, time_update_s=updated - rolled_out)
+    metrics.update(_token_counts(batch, cfg, counts.get("teacher_tokens", 0)))
     return metrics, batch, rewards(batch.s_pred.view(len(contexts), cfg.group_size), s_ema).cpu()
+
+
+def _token_counts(batch: ThoughtBatch, cfg: RLPConfig, teacher_tokens: int) -> dict[str, float]:
+    """The step's tokens over all data-parallel ranks (`rlp_step`'s docstring), by
+    `nemo_rlp.planning`'s accounting fed with the rows this step actually ran."""
+    from nemo_rlp.planning import extra_forward_tokens, rollout_tokens
+
+    G = batch.group_size
+    thought = batch.thought_len.cpu()
+    prefill, decode = rollout_tokens(cfg.rollout_mode, G, batch.thought_start[::G].cpu(), thought)
+    trained = float((batch.answer_index + 1).sum())
+    forward = teacher_tokens + prefill + decode + extra_forward_tokens(cfg, trained)
+    thoughts, trained, forward = data_parallel_sum([float(thought.sum()), trained, forward])
+    return {"thought_tokens": float(thoughts), "trained_tokens": float(trained), "forward_tokens": float(forward)}
 
 
 def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tensor, cfg: RLPConfig) -> dict[str, float]:

@@ -27,7 +27,7 @@ def _recipe():
     return module
 
 
-# A Qwen3 small enough for a unit test, and the overrides that make conf/model/qwen3_1p7b.yaml match it.
+# A Qwen3 small enough for a unit test, and the overrides that make nemo_rlp/conf/model/qwen3_1p7b.yaml match it.
 TINY_QWEN3 = dict(
     vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
