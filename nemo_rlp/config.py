@@ -146,6 +146,11 @@ class RLPConfig:
     # (a learning-rate factor would not: Adam's momentum carries RLP gradients into the NTP updates
     # that follow at the full rate). 1.0: the paper's setting.
     grad_scale: float = 1.0
+    # Log how much of the reward is the teacher's own probability of the start marker: S_ema is
+    # log p̄(x_t), lowered by the mass p̄ puts on <think> where the corpus often thinks; the metric
+    # reward_marker_term = -log(1 - p̄(<think> | x_<t)) is that part of the reward (one extra no-grad
+    # teacher forward over the contexts; off in the at-scale recipes).
+    log_marker_term: bool = False
 
 
 @dataclass
@@ -155,6 +160,9 @@ class ScheduleConfig:
     ntp_warmup_steps: int = 0
     ntp_per_cycle: int = 1
     rlp_per_cycle: int = 1
+    # The compute-matched NTP-only baseline (CPT) of this schedule: every RLP step becomes NTP steps
+    # of the same FLOPs (nemo_rlp.planning.compute_matched_cpt prints the arithmetic at start-up).
+    compute_matched_cpt: bool = False
 
 
 @dataclass
@@ -262,7 +270,8 @@ class EvalConfig:
     # A JSON-lines file with marked positions (nemo_rlp/data/marked.py). null: the held-out set
     # bundled with the demo corpus (only with the bundled corpus and tokenizer).
     corpus: Optional[str] = None
-    num_positions: int = 256  # the first N marked positions of the file
+    num_positions: int = 0  # the first N marked positions of the file; 0: all of them
+    thought_seeds: int = 3  # sampled thoughts per position (their mean per position gives the stderr)
     batch_contexts: int = 64  # contexts per forward / rollout batch
     after_warmup: bool = True  # also evaluate when the NTP warm-up ends (a baseline for RLP's effect)
     seed: int = 4321  # the thoughts' sampling noise: every evaluation of a run draws the same
@@ -648,8 +657,10 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
 
 
 def _validate_eval(e: EvalConfig) -> None:
-    if e.num_positions < 1 or e.batch_contexts < 1:
-        _fail("eval.num_positions / eval.batch_contexts", (e.num_positions, e.batch_contexts), "integers >= 1")
+    if e.num_positions < 0:
+        _fail("eval.num_positions", e.num_positions, "an integer >= 0 (0: every marked position of eval.corpus)")
+    if e.batch_contexts < 1 or e.thought_seeds < 1:
+        _fail("eval.batch_contexts / eval.thought_seeds", (e.batch_contexts, e.thought_seeds), "integers >= 1")
 
 
 def _validate_across_sections(cfg: RunConfig) -> None:

@@ -87,6 +87,7 @@ bs = B contexts per step, iters = RLP steps, and T_inp the input tokens the run 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -667,15 +668,89 @@ def local_matmul_parameters(model, post_process: bool = True) -> int:
     return total - (0 if post_process and not own_output else embedding)
 
 
+@dataclass(frozen=True)
+class StepTokens:
+    """Tokens through the model in one RLP step and one NTP step (all replicas), by what they cost:
+    forward-only (teacher scoring, rollout prefill, decoding, extra forwards) and trained (fwd + bwd)."""
+
+    teacher: int
+    prefill: int
+    decode: int
+    extra_forward: float
+    trained: int
+    ntp: int
+
+    @property
+    def rlp_forward_only(self) -> float:
+        return self.teacher + self.prefill + self.decode + self.extra_forward
+
+    def rlp_flops(self, n: float) -> float:
+        """2N per forward-only token, 6N per trained token (:func:`model_flops`)."""
+        return model_flops(n, self.rlp_forward_only, self.trained)
+
+    def ntp_flops(self, n: float) -> float:
+        return model_flops(n, 0, self.ntp)
+
+
+def step_tokens(cfg: RunConfig) -> StepTokens:
+    """The token counts behind the plan's FLOPs (module docstring), upper bounds: every context at
+    data.max_context tokens, every thought at rlp.max_thought_len."""
+    r, d, t = cfg.rlp, cfg.data, cfg.trainer
+    B, G, L, c = r.contexts_per_step, r.group_size, r.max_thought_len, d.max_context
+    prefill, decode = (int(x) for x in rollout_tokens(r.rollout_mode, G, [c + 1] * B, [L] * (B * G)))
+    trained = B * G * (c + L + 2)
+    return StepTokens(
+        teacher=-(-B // d.positions_per_document) * (c + 1),
+        prefill=prefill,
+        decode=decode,
+        extra_forward=extra_forward_tokens(r, trained),
+        trained=trained,
+        ntp=t.ntp_batch_size * d.ntp_seq_len,
+    )
+
+
+def compute_matched_cpt(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """The compute-matched continued-pretraining (CPT) baseline of an RLP run: the same NTP warm-up and
+    interleaved NTP steps, and every RLP step replaced by as many NTP steps as its FLOPs buy
+    (:func:`step_tokens`: rollouts, teacher scoring and RLP training, at their upper bounds, so the
+    baseline gets at least the compute RLP spent). Returns the NTP-only config and the arithmetic."""
+    s = cfg.trainer.schedule
+    if s.rlp_per_cycle == 0:
+        raise ConfigError("trainer.schedule.compute_matched_cpt=true needs the RLP run's schedule "
+                          "(rlp_per_cycle >= 1) to match; this one has no RLP step")
+    ntp_steps, rlp_steps = schedule_counts(cfg)
+    tok = step_tokens(cfg)
+    ratio = tok.rlp_flops(1.0) / tok.ntp_flops(1.0)
+    extra = math.ceil(rlp_steps * ratio)
+    steps = ntp_steps + extra
+    schedule = dataclasses.replace(s, ntp_per_cycle=1, rlp_per_cycle=0, compute_matched_cpt=False)
+    out = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps=steps, schedule=schedule))
+    r = cfg.rlp
+    lines = [
+        "compute-matched CPT: every RLP step of the configured run becomes NTP steps of the same FLOPs "
+        "(N = matrix-multiply parameters; 2N per forward-only token, 6N per trained token):",
+        f"  RLP step = 2N x (teacher {tok.teacher} + prefill {tok.prefill} + decoding {tok.decode} + extra "
+        f"{tok.extra_forward:g}) + 6N x trained {tok.trained} = {tok.rlp_flops(1.0):,.0f} N",
+        f"  NTP step = 6N x {tok.ntp} tokens ({cfg.trainer.ntp_batch_size} x {cfg.data.ntp_seq_len}) "
+        f"= {tok.ntp_flops(1.0):,.0f} N",
+        f"  one RLP step = {ratio:.3f} NTP steps; {rlp_steps} RLP steps -> {extra} NTP steps",
+        f"  steps: {ntp_steps} NTP (warm-up {min(s.ntp_warmup_steps, cfg.trainer.steps)} + interleaved) + {extra} "
+        f"= {steps}, all NTP",
+        f"  (by tokens instead, the paper's T_flop = n*l_seq*bs*iters + T_inp: G*L*B = {r.group_size}*"
+        f"{r.max_thought_len}*{r.contexts_per_step} thought + B*c = {r.contexts_per_step * cfg.data.max_context} "
+        f"context tokens per RLP step, {rlp_steps * (r.group_size * r.max_thought_len * r.contexts_per_step + r.contexts_per_step * cfg.data.max_context) / tok.ntp:.0f} "
+        "NTP steps: FLOP matching gives the baseline more)",
+    ]
+    return out, lines
+
+
 def _tokens_and_flops(plan: Plan) -> None:
     cfg, n = plan.cfg, plan.counts.matmul
     r, d, t = cfg.rlp, cfg.data, cfg.trainer
     B, G, L, c = r.contexts_per_step, r.group_size, r.max_thought_len, d.max_context
-    teacher = -(-B // d.positions_per_document) * (c + 1)
-    prefill, decode = (int(x) for x in rollout_tokens(r.rollout_mode, G, [c + 1] * B, [L] * (B * G)))
-    trained = B * G * (c + L + 2)
-    extra_forward = extra_forward_tokens(r, trained)
-    ntp = t.ntp_batch_size * d.ntp_seq_len
+    tok = step_tokens(cfg)
+    teacher, prefill, decode, extra_forward, trained, ntp = (
+        tok.teacher, tok.prefill, tok.decode, tok.extra_forward, tok.trained, tok.ntp)
     plan.tokens = {
         "thought tokens sampled (B*G*L)": B * G * L,
         "teacher-scored tokens": teacher,

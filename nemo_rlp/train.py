@@ -45,6 +45,8 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run_cfg = to_run_config(cfg)
+        if run_cfg.trainer.schedule.compute_matched_cpt:
+            run_cfg = _compute_matched_cpt(run_cfg)
         # One directory per run, the same for every invocation (not Hydra's per-invocation one):
         # a resume finds its checkpoints, metrics.jsonl and report there.
         output_dir = Path(run_cfg.logging.output_dir or default_output_dir(run_cfg)).absolute()
@@ -74,6 +76,14 @@ def main(cfg: DictConfig) -> None:
                  summary.preempted, summary.steps, REQUEUE_EXIT_CODE, summary.table())
         sys.exit(REQUEUE_EXIT_CODE)
     log.info("done.\n%s", summary.table())
+
+
+def _compute_matched_cpt(run_cfg):
+    from nemo_rlp.planning import compute_matched_cpt
+
+    run_cfg, arithmetic = compute_matched_cpt(run_cfg)
+    log.info("\n".join(arithmetic))
+    return run_cfg
 
 
 def check_command_line() -> None:

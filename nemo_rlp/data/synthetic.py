@@ -22,6 +22,7 @@ every run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -55,7 +56,18 @@ class CorpusConfig:
 
     num_docs: int = 5000
     seed: int = 1234
-    thought_fraction: float = 0.8  # share of episodes that show a worked thought before their answer
+    thought_fraction: float = 0.8  # share of episodes that show a thought before their answer
+    # Share of the walks' and word problems' shown thoughts that do the work; the rest are filler
+    # ("let me think, ok"): the answer still follows them, so next-token prediction learns to write
+    # the corpus's mix of thoughts, and only a reward for thoughts that predict the answer (RLP)
+    # prefers the useful ones. 1.0: every shown thought is worked (the corpus before RLP's own demo).
+    useful_thought_fraction: float = 0.5
+    # Share of them that are worked but wrong (one step slips; the right answer still follows), so
+    # that a model learns how far to trust a worked thought; the rest are filler.
+    wrong_thought_fraction: float = 0.0
+    # The episode kinds whose answers are marked (RLP's positions and the held-out evaluation's) and
+    # whose shown thoughts follow the fractions above; the other kinds are text around them.
+    marked_tasks: tuple[str, ...] = ("walk",)
     min_words: int = 20
     max_words: int = 120
     heldout: bool = False  # walks start only in HELDOUT_STARTS (else never there)
@@ -63,8 +75,12 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if self.num_docs < 1:
             raise ValueError(f"num_docs must be >= 1, got {self.num_docs}")
-        if not 0.0 <= self.thought_fraction <= 1.0:
-            raise ValueError(f"thought_fraction must be in [0, 1], got {self.thought_fraction}")
+        for name in ("thought_fraction", "useful_thought_fraction", "wrong_thought_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.useful_thought_fraction + self.wrong_thought_fraction > 1.0:
+            raise ValueError("useful_thought_fraction + wrong_thought_fraction must be <= 1, got "
+                             f"{self.useful_thought_fraction} + {self.wrong_thought_fraction}")
         # The gap must hold the longest episode, so a document below min_words can always grow.
         if not (1 <= self.min_words and self.min_words + _LONGEST_EPISODE_WORDS <= self.max_words):
             raise ValueError(
@@ -89,6 +105,11 @@ _LIST_WORDS = [
     ["cat", "dog", "fox", "owl", "bee"],
 ]
 _COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
+# Filler thoughts: the words of a thought that does no work. Drawn 1-3 at a time.
+_FILLER = [
+    "let me think", "ok", "hmm", "one moment", "I know this one", "this is easy", "let me see",
+    "right", "so", "wait", "think it through", "I remember", "yes", "easy one", "let me check",
+]
 _SYLLABLES = ["ka", "lo", "mi", "ra", "te", "vo", "zu", "ne", "po", "si", "da", "fe", "gu", "ri", "bel", "mar", "tor"]
 def _world_map(seed: int = 2510, size: int = 40) -> tuple[list[str], dict[str, str]]:
     """A fixed map shared by every document: ``size`` towns on one circular road (each town has one
@@ -127,6 +148,8 @@ class _Episodes:
         self.show_thoughts = show_thoughts
         self.heldout = heldout
         self.mark_answers = True  # set per episode by _document (MARKED_TASKS)
+        self.filler = False  # set per episode by _document: the shown thought is filler, not the work
+        self.wrong = False  # set per episode by _document: the shown thought slips at its last step
 
     def answer(self, thought: str, answer: str) -> str:
         """``answer`` (which starts with a space), preceded by ``<think>thought</think>`` if shown.
@@ -134,6 +157,8 @@ class _Episodes:
         In a document without thoughts the answer of a marked episode is preceded by
         :data:`_ANSWER_MARK`, which :func:`_document` turns into the answer's character offset."""
         if self.show_thoughts:
+            if self.filler:
+                thought = ", ".join(self.rng.sample(_FILLER, self.rng.randint(1, 3)))
             return f"{THINK_START} {thought}{THINK_END}{answer}"
         return (_ANSWER_MARK if self.mark_answers else "") + answer
 
@@ -156,7 +181,8 @@ class _Episodes:
         hops = 3 if self.heldout else (2 if path[0] in HELDOUT_STARTS else rng.randint(2, 3))
         for _ in range(hops):
             path.append(ROADS[path[-1]])
-        return f"Walk {len(path) - 1} roads from {path[0]} to" + self.answer(" -> ".join(path), f" {path[-1]}") + "."
+        shown = path[:-1] + [rng.choice([t for t in TOWNS if t != path[-1]])] if self.wrong else path
+        return f"Walk {len(path) - 1} roads from {path[0]} to" + self.answer(" -> ".join(shown), f" {path[-1]}") + "."
 
     def story(self) -> str:
         """Multi-step word problem: "Tom has 3 apples. He buys 4 more ... Now Tom has 5 apples."."""
@@ -180,6 +206,9 @@ class _Episodes:
             text.append(f"{pron if i == 0 else 'Then ' + pron.lower()} {phrase}.")
         lead = rng.choice([f"Now {name} has", f"How many {many} does {name} have now? {name} has"])
         noun = one if value == 1 else many
+        if self.wrong:  # the last step's result slips by 1-3
+            head, _, result = steps[-1].rpartition(" = ")
+            steps[-1] = f"{head} = {max(0, int(result) + rng.choice([-3, -2, -1, 1, 2, 3])) or int(result) + 1}"
         text.append(lead + self.answer(", ".join(steps), f" {value}") + f" {noun}.")
         return " ".join(text)
 
@@ -305,7 +334,7 @@ def _count_words(text: str) -> int:
 # ones (MARKED_TASKS), where a thought computes what a small model cannot in one forward pass (a walk
 # along memorised roads, a running sum). The other kinds are unmarked text around them: their thoughts
 # (counting, two-digit arithmetic, in-context lookups) are beyond a model of the demo's size in minutes.
-MARKED_TASKS = frozenset({"walk", "story"})
+MARKED_TASKS = frozenset(CorpusConfig.marked_tasks)
 EPISODE_WEIGHTS = {
     "walk": 5, "story": 5, "lookup": 1, "counting": 1, "sequence": 1, "arithmetic": 1, "ordering": 1,
 }
@@ -327,10 +356,13 @@ def _document(rng: random.Random, cfg: CorpusConfig) -> dict:
     words = 0
     while words < target:
         kind = rng.choices(kinds, weights)[0]
-        episodes.mark_answers = kind.__name__ in MARKED_TASKS
+        episodes.mark_answers = kind.__name__ in cfg.marked_tasks
         # Per episode, so that a reader (the no-think teacher too) cannot tell from the document
         # whether the next answer comes after a thought.
         episodes.show_thoughts = rng.random() < cfg.thought_fraction
+        kind_draw = rng.random() if episodes.mark_answers else 0.0
+        episodes.filler = kind_draw >= cfg.useful_thought_fraction + cfg.wrong_thought_fraction
+        episodes.wrong = not episodes.filler and kind_draw >= cfg.useful_thought_fraction
         episode = kind()
         n = _count_words(episode)
         if words + n > cfg.max_words:
@@ -379,7 +411,7 @@ def write_jsonl(records: Sequence[str | dict], path: str | os.PathLike[str], tex
 
 HELDOUT_FILENAME = "tiny_heldout.jsonl"
 # The held-out worksheets: another seed, no worked thoughts (every answer is marked).
-HELDOUT = CorpusConfig(num_docs=300, seed=98765, thought_fraction=0.0, heldout=True)
+HELDOUT = CorpusConfig(num_docs=500, seed=98765, thought_fraction=0.0, heldout=True)
 
 
 def build_tiny_corpus(
@@ -400,7 +432,8 @@ def build_tiny_corpus(
     records = list(iter_records(cfg))
     corpus_path, tokenizer_path = out / CORPUS_FILENAME, out / TOKENIZER_FILENAME
     write_jsonl(records, corpus_path)
-    if heldout is not None:
+    if heldout is not None:  # the held-out set asks the tasks the corpus marks
+        heldout = dataclasses.replace(heldout, marked_tasks=cfg.marked_tasks)
         write_jsonl(list(iter_records(heldout)), out / HELDOUT_FILENAME)
     texts = [r["text"] for r in records]
     tok = train_byte_level_bpe(texts, vocab_size=vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS)

@@ -309,6 +309,7 @@ class Trainer:
         result = evaluate_answers(
             self.model.policy, self.eval_positions, self.cfg.rlp, self.markers, self.tokenizer,
             self.layout.device, seed=self.cfg.eval.seed, batch_contexts=self.cfg.eval.batch_contexts,
+            thought_seeds=self.cfg.eval.thought_seeds,
         )
         result["step"] = self.step
         self.summary.evaluations[when] = result

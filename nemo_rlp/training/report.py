@@ -126,6 +126,18 @@ def write_report(
                 ax.fill_between(band_steps, lo, hi, color="C0", alpha=0.15, lw=0, label="± reward std")
             ax.axhline(0.0, color="black", lw=0.8, ls="--")
         _plot_series(ax, steps, values, metric, "C0")
+        marker_line = None
+        if metric == "reward_mean":  # the reward without the teacher's start-marker term, when logged
+            bare_steps, bare = _series(records, kind, "reward_mean_without_marker")
+            if bare:
+                _plot_series(ax, bare_steps, bare, "reward_mean_without_marker", "C2")
+                b_first, b_last = first_and_last_fifth(bare)
+                fifths["reward_mean_without_marker"] = {"first": b_first, "last": b_last}
+                marker_line = (
+                    f"Without the start-marker term (the part of S_ema's deficit that is the no-think teacher's "
+                    f"probability of `<think>`, metric `reward_marker_term`): first fifth {b_first:+.3f}; "
+                    f"last fifth {b_last:+.3f}."
+                )
         if metric == "thought_len_mean":
             max_steps, max_values = _series(records, kind, "thought_len_max")
             if max_values:
@@ -135,6 +147,8 @@ def write_report(
         md += [f"![{name}]({png.name})", ""]
         fifths_line = f"{what}, first fifth of {kind.upper()} steps: {fmt.format(first)}; last fifth: {fmt.format(last)}"
         md += [f"{fifths_line} ({len(values)} steps)", ""]
+        if marker_line:
+            md += [marker_line, ""]
 
     if evaluation is not None:
         md += _evaluation_lines(evaluation)
@@ -227,12 +241,20 @@ def _evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
     acc0, acc1 = no_think.get("accuracy"), with_thought.get("accuracy")
     md = ["## Evaluation", ""]
     if evaluation.get("num_positions") is not None:
-        md += [f"Over {evaluation['num_positions']} held-out positions.", ""]
+        seeds = evaluation.get("thought_seeds", 1)
+        md += [f"Over {evaluation['num_positions']} held-out positions, whole answers scored; "
+               f"{seeds} sampled thought{'s' if seeds > 1 else ''} per position; ± one standard error.", ""]
+
+    def se(figure: Mapping[str, Any], key: str, scale: float) -> str:
+        value = figure.get(key + "_stderr")
+        return "" if value is None else f" ± {scale * value:.{3 if scale == 1 else 1}f}"
+
     md += [
-        "| | mean log p(x_t) | accuracy |",
+        "| | mean log p(answer) | accuracy |",
         "|---|---:|---:|",
-        f"| no thought | {_number(lp0, '{:.3f}')} | {_percent(acc0)} |",
-        f"| with a sampled thought | {_number(lp1, '{:.3f}')} | {_percent(acc1)} |",
+        f"| no thought | {_number(lp0, '{:.3f}')}{se(no_think, 'logprob', 1)} | {_percent(acc0)}{se(no_think, 'accuracy', 100)} |",
+        f"| with a sampled thought | {_number(lp1, '{:.3f}')}{se(with_thought, 'logprob', 1)} "
+        f"| {_percent(acc1)}{se(with_thought, 'accuracy', 100)} |",
         f"| difference | {_number(_difference(lp1, lp0), '{:+.3f}')} | {_points(_difference(acc1, acc0))} |",
         "",
     ]
@@ -243,6 +265,8 @@ def _evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
             f"After the NTP warm-up (step {before.get('step', '?')}), before any RLP step: accuracy "
             f"{_percent(b0)} with no thought and {_percent(b1)} with a sampled thought "
             f"({_points(_difference(b1, b0))} points).",
+            "",
+            _what_rlp_changed(before, evaluation),
             "",
         ]
     by_task = evaluation.get("by_task") or {}
@@ -266,16 +290,35 @@ def _evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
         md += [
             "### Examples" + (f" (first {len(shown)} of {len(examples)})" if len(shown) < len(examples) else ""),
             "",
-            "| context | thought | target | predicted, no thought | predicted, with thought |",
+            "| context | thought | answer | right, no thought | right, with thought |",
             "|---|---|---|---|---|",
         ]
         for e in shown:
             md.append(
                 f"| {_cell(_tail(e.get('context', '')))} | {_cell(e.get('thought', ''))} | {_cell(e.get('target', ''))} "
-                f"| {_cell(e.get('predicted_no_think', ''))} | {_cell(e.get('predicted_with_thought', ''))} |"
+                f"| {_yes_no(e.get('correct_no_think'))} | {_yes_no(e.get('correct_with_thought'))} |"
             )
         md.append("")
     return md
+
+
+def _what_rlp_changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """One plain sentence: the held-out figures at the end against the end of the warm-up, and whether
+    the change is larger than twice its standard error (the two evaluations' errors combined)."""
+    parts = []
+    for key, name in (("with_thought", "with a sampled thought"), ("no_think", "with no thought")):
+        a, b = before[key], after[key]
+        delta = b["accuracy"] - a["accuracy"]
+        se = (a.get("accuracy_stderr", 0.0) ** 2 + b.get("accuracy_stderr", 0.0) ** 2) ** 0.5
+        verdict = "more than twice its standard error" if abs(delta) > 2 * se > 0 else "within noise"
+        parts.append(f"accuracy {name} went from {_percent(a['accuracy'])} to {_percent(b['accuracy'])} "
+                     f"({_points(delta)}, {verdict})")
+    return ("**What the steps after the warm-up changed** (RLP steps and the NTP steps between them): "
+            + "; ".join(parts) + ". `bench/science.py` compares this with the same compute spent on NTP alone.")
+
+
+def _yes_no(value: Any) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
 def _tail(text: str) -> str:

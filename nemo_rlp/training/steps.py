@@ -237,6 +237,21 @@ def sample_contexts(
     return contexts, s_ema
 
 
+@torch.no_grad()
+def marker_term(model: PolicyWithTeacher, contexts: list[RLPContext], markers: Markers,
+                device: torch.device) -> torch.Tensor:
+    """-log(1 - p̄_φ(<think> | x_<t)) per context [n]: how much S_ema = log p̄_φ(x_t | x_<t) is lowered
+    by the no-think teacher's mass on the start marker, i.e. the part of every reward of the context
+    that comes from the marker alone (a teacher renormalised without it would give S_ema + log(1 - p̄)).
+    """
+    lengths = torch.tensor([len(c.prefix) for c in contexts], device=device)
+    tokens = torch.full((len(contexts), int(lengths.max())), markers.pad, dtype=torch.long, device=device)
+    for i, c in enumerate(contexts):
+        tokens[i, : len(c.prefix)] = torch.as_tensor(c.prefix, dtype=torch.long, device=device)
+    logp_start = torch.log_softmax(model.teacher.next_token_logits(tokens, lengths).float(), dim=-1)[:, markers.think_start]
+    return -torch.log1p(-logp_start.exp().clamp(max=1 - 1e-6))
+
+
 def _clock(device: torch.device) -> float:
     """Now, once the device has finished the work queued so far (a phase's time is its own)."""
     if device.type == "cuda":
@@ -290,6 +305,10 @@ def rlp_step(
     rolled_out = _clock(device)
     metrics = rlp_update(model, batch, s_ema, cfg)
     updated = _clock(device)
+    if cfg.log_marker_term:
+        term_sum, count = data_parallel_sum([float(marker_term(model, contexts, markers, device).sum()), len(contexts)])
+        metrics["reward_marker_term"] = term_sum / count
+        metrics["reward_mean_without_marker"] = metrics["reward_mean"] - metrics["reward_marker_term"]
     metrics["end_marker_rate"] = float(batch.end_sampled.float().mean())
     metrics["thought_len_max"] = float(batch.thought_len.max())
     metrics.update(time_teacher_s=scored - start, time_rollout_s=rolled_out - scored, time_update_s=updated - rolled_out)

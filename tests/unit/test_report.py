@@ -17,13 +17,19 @@ PNGS = ("reward.png", "reward_pos_frac.png", "thought_len.png", "end_marker_rate
 
 EVALUATION = {
     "num_positions": 200,
-    "no_think": {"logprob": -1.9, "accuracy": 0.41},
-    "with_thought": {"logprob": -0.7, "accuracy": 0.78},
+    "thought_seeds": 3,
+    "no_think": {"logprob": -1.9, "logprob_stderr": 0.1, "accuracy": 0.41, "accuracy_stderr": 0.035},
+    "with_thought": {"logprob": -0.7, "logprob_stderr": 0.05, "accuracy": 0.78, "accuracy_stderr": 0.02},
     "examples": [
-        {"context": "2 4 6 8", "thought": "add two", "target": "10", "predicted_no_think": "9",
-         "predicted_with_thought": "10"},
+        {"context": "2 4 6 8", "thought": "add two", "target": "10", "correct_no_think": False,
+         "correct_with_thought": True},
     ],
     "by_task": {"chain": {"num_positions": 50, "no_think_accuracy": 0.3, "with_thought_accuracy": 0.9}},
+    "after_warmup": {
+        "step": 10,
+        "no_think": {"logprob": -2.0, "accuracy": 0.40, "accuracy_stderr": 0.035},
+        "with_thought": {"logprob": -1.0, "accuracy": 0.50, "accuracy_stderr": 0.035},
+    },
 }
 SUMMARY = [("steps (NTP / RLP)", "40 (20 / 20)"), ("wall time", "12.5 s")]
 
@@ -43,6 +49,7 @@ def run_records(steps: int = 40) -> list[dict]:
                 "step": step, "kind": "rlp", "step_seconds": 0.3, "reward_mean": -0.5 + 0.05 * i,
                 "reward_std": 0.8, "reward_pos_frac": i / 20, "thought_len_mean": 10.0 + i,
                 "thought_len_max": 20.0 + i, "end_marker_rate": 0.5, "clip_frac": 0.0,
+                "reward_marker_term": 0.4, "reward_mean_without_marker": -0.9 + 0.05 * i,
             })
     return records
 
@@ -99,13 +106,24 @@ def test_fifths(report):
 
 def test_evaluation_tables(report):
     _, md, figures = report
-    assert "Over 200 held-out positions." in md
-    assert "| no thought | -1.900 | 41.0% |" in md
-    assert "| with a sampled thought | -0.700 | 78.0% |" in md
+    assert "Over 200 held-out positions, whole answers scored; 3 sampled thoughts per position" in md
+    assert "| no thought | -1.900 ± 0.100 | 41.0% ± 3.5 |" in md
+    assert "| with a sampled thought | -0.700 ± 0.050 | 78.0% ± 2.0 |" in md
     assert "| difference | +1.200 | +37.0 points |" in md
     assert "| chain | 50 | 30.0% | 90.0% | +60.0 points |" in md
-    assert "| 2 4 6 8 | add two | 10 | 9 | 10 |" in md
+    assert "| 2 4 6 8 | add two | 10 | no | yes |" in md
+    # Against the end of the warm-up, with a verdict from the standard errors.
+    assert ("accuracy with a sampled thought went from 50.0% to 78.0% (+28.0 points, more than twice its "
+            "standard error)") in md
+    assert "accuracy with no thought went from 40.0% to 41.0% (+1.0 points, within noise)" in md
     assert figures["evaluation"] == EVALUATION
+
+
+def test_reward_without_the_start_marker_term(report):
+    _, md, figures = report
+    assert figures["fifths"]["reward_mean_without_marker"]["first"] == pytest.approx(-0.9 + 0.05 * 1.5)
+    assert "Without the start-marker term" in md and "last fifth +0.)" not in md
+    assert md.index("![reward](reward.png)") < md.index("Without the start-marker term") < md.index("### Positive")
 
 
 def test_sampled_thoughts_are_escaped_and_truncated(report):

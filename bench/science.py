@@ -1,0 +1,133 @@
+"""Does RLP beat compute-matched continued pretraining (CPT) on the demo? Three seeds per arm.
+
+    python bench/science.py            # the demo's schedule, 3 seeds (about 45 minutes on 2 cores)
+    python bench/science.py --quick    # shortened arms, one seed each (under 20 minutes on 2 cores)
+    python bench/science.py --seeds 5 --out outputs/science -- rlp.grad_scale=0.5   # extra overrides
+
+Per seed (``trainer.seed``), three runs of ``python -m nemo_rlp.train``, one after another:
+1. the NTP warm-up alone (``trainer.steps`` = the warm-up), which saves its last checkpoint and
+   evaluates the model there;
+2. the RLP arm: the demo, resumed from that checkpoint (``checkpoint.resume=<its step directory>``);
+3. the CPT arm: ``+experiment=demo_cpt`` resumed from the same checkpoint, which spends on NTP steps
+   the FLOPs the RLP arm spends on rollouts, teacher scoring and RLP training (the arithmetic is in
+   its log), so both arms start from one model and differ only in how the compute after the warm-up
+   is used.
+
+Both arms end with the same held-out evaluation (``nemo_rlp.training.evaluate``: every held-out
+position, whole answers, several sampled thoughts per position). The table gives per arm the mean
+± standard deviation over seeds of the accuracy with a sampled thought and without one and of the
+answer's log-probability with and without a thought; the last line is
+
+    RLP minus CPT: <+D> points held-out thought accuracy (RLP <a>±<s>, CPT <b>±<t>, <n> seeds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The demo's schedule (conf/trainer/demo.yaml) and a shortened one for --quick.
+FULL = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234, 2345, 3456]}
+QUICK = {"warmup": 1200, "rlp_cycles": 150, "seeds": [1234]}
+COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
+
+
+def run(args: list[str], out: Path, log_name: str) -> dict:
+    """One training run; its summary.json (the report's figures). Raises with the log's tail on failure."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{log_name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "nemo_rlp.train", *COMMON, *args, f"logging.output_dir={out}"],
+                              cwd=out.parent, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{log_name} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    print(f"  {log_name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads((out / "report" / "summary.json").read_text())
+
+
+def one_seed(seed: int, schedule: dict, root: Path, extra: list[str]) -> dict[str, dict]:
+    warmup, steps = schedule["warmup"], schedule["warmup"] + 2 * schedule["rlp_cycles"]
+    base = [f"trainer.seed={seed}", f"trainer.schedule.ntp_warmup_steps={warmup}", f"trainer.lr_decay_steps={warmup}",
+            *extra]
+    seed_dir = root / f"seed{seed}"
+    warm_out = seed_dir / "warmup"
+    warm = run([*base, f"trainer.steps={warmup}", "eval.after_warmup=false", f"checkpoint.every_steps={warmup}",
+                "checkpoint.resume=never"], warm_out, "warmup")
+    start = warm_out / "checkpoints" / f"step_{warmup:07d}"
+    if not start.is_dir():
+        raise SystemExit(f"the warm-up left no checkpoint at {start}")
+    arms = {"warm-up": warm["evaluation"]}
+    for arm, more in (("RLP", []), ("CPT", ["+experiment=demo_cpt"])):
+        figures = run([*base, *more, f"trainer.steps={steps}", f"checkpoint.resume={start}",
+                       "checkpoint.every_steps=0", "eval.after_warmup=false"], seed_dir / arm.lower(), arm.lower())
+        arms[arm] = figures["evaluation"]
+    return arms
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+FIGURES = (
+    ("thought accuracy (%)", lambda e: 100 * e["with_thought"]["accuracy"]),
+    ("no-thought accuracy (%)", lambda e: 100 * e["no_think"]["accuracy"]),
+    ("log p(answer), thought", lambda e: e["with_thought"]["logprob"]),
+    ("log p(answer), no thought", lambda e: e["no_think"]["logprob"]),
+)
+
+
+def table(results: list[dict[str, dict]]) -> str:
+    arms = list(results[0])
+    width = max(len(name) for name, _ in FIGURES)
+    lines = [f"{'':<{width}}" + "".join(f"  {arm:>16}" for arm in arms)]
+    for name, pick in FIGURES:
+        cells = []
+        for arm in arms:
+            m, s = mean_std([pick(r[arm]) for r in results])
+            cells.append(f"  {m:>9.2f} ± {s:<4.2f}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    lines.append(f"{'(mean ± std over seeds; per seed the evaluation is over every held-out position)':<{width}}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shortened arms, one seed (under 20 minutes)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "science")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    args = parser.parse_args(argv)
+    schedule = dict(QUICK if args.quick else FULL)
+    seeds = schedule["seeds"]
+    if args.seeds is not None:
+        seeds = [1234 + 1111 * i for i in range(args.seeds)]
+    root = args.out / ("quick" if args.quick else "full")
+    t0 = time.perf_counter()
+    results = []
+    for seed in seeds:
+        print(f"seed {seed}:", flush=True)
+        results.append(one_seed(seed, schedule, root, args.overrides))
+    wall = time.perf_counter() - t0
+    print(f"\n{len(seeds)} seed(s), warm-up {schedule['warmup']} NTP steps, then {schedule['rlp_cycles']} "
+          f"NTP+RLP cycles (RLP arm) or their compute in NTP steps (CPT arm); wall time {wall / 60:.1f} min\n")
+    print(table(results))
+    rlp = [100 * r["RLP"]["with_thought"]["accuracy"] for r in results]
+    cpt = [100 * r["CPT"]["with_thought"]["accuracy"] for r in results]
+    (a, s), (b, t) = mean_std(rlp), mean_std(cpt)
+    print(f"RLP minus CPT: {a - b:+.1f} points held-out thought accuracy (RLP {a:.1f}±{s:.1f}, CPT {b:.1f}±{t:.1f}, "
+          f"{len(seeds)} seeds)")
+
+
+if __name__ == "__main__":
+    main()
