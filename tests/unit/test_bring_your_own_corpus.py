@@ -33,8 +33,8 @@ README = (REPO / "README.md").read_text()
 BUILD = "python recipes/build_tokenizer.py --input my_corpus.jsonl --output my_tokenizer.json --vocab-size 4096"
 MINE = "data.corpus=my_corpus.jsonl data.tokenizer=my_tokenizer.json data.rlp_positions=uniform"
 TRAIN_HELDOUT = f"python -m nemo_rlp.train {MINE} eval.corpus=my_heldout.jsonl logging.output_dir=runs/mine"
-BRANCH = (f"python -m nemo_rlp.train {MINE} eval=none logging.output_dir=runs/mine_ntp "
-          "checkpoint.resume=runs/mine/checkpoints/step_0002000 trainer.schedule.rlp_per_cycle=0")
+BRANCH = (f"python -m nemo_rlp.train {MINE} eval=none logging.output_dir=runs/mine_cpt "
+          "checkpoint.resume=runs/mine/checkpoints/step_0001200 trainer.schedule.compute_matched_cpt=true")
 
 # The tests' tiny run, keeping what the README's commands set: the evaluation and the default
 # keep_steps (the end of the warm-up, here step 2). Every step is saved, the last one kept.
@@ -120,12 +120,14 @@ def test_own_corpus_tokenizer_training_heldout_and_a_branched_baseline(tmp_path)
 
     # The baseline branches off from a copy under another name; its step comes from complete.json.
     shutil.copytree(out / "checkpoints" / "step_0000002", tmp_path / "warmup_end")
-    branch = BRANCH.replace("runs/mine/checkpoints/step_0002000", "warmup_end")
+    branch = BRANCH.replace("runs/mine/checkpoints/step_0001200", "warmup_end")
     branched = run(command(branch, *SHORT), tmp_path)
     assert branched.returncode == 0, branched.stderr[-3000:]
     assert f"resumed from {tmp_path / 'warmup_end'} at step 2" in branched.stdout + branched.stderr
-    records = metrics(tmp_path / "runs" / "mine_ntp")
-    assert [(r["step"], r["kind"]) for r in records] == [(2, "ntp"), (3, "ntp")]
+    assert "compute-matched CPT" in branched.stdout + branched.stderr  # the arithmetic, at start-up
+    records = metrics(tmp_path / "runs" / "mine_cpt")
+    # The RLP run's steps 2-3 (one NTP, one RLP) as NTP steps only, the RLP step's FLOPs included.
+    assert records[0]["step"] == 2 and len(records) >= 2 and {r["kind"] for r in records} == {"ntp"}
     assert (tmp_path / "warmup_end" / ckpt.MARKER).is_file()  # resumed from, never moved or deleted
 
 
