@@ -319,7 +319,7 @@ def rlp_step_once(name: str, overrides: list[str], mode: str, work: Path) -> dic
     from nemo_rlp.data.sampling import ContextSampler
     from nemo_rlp.data.sources import load_documents
     from nemo_rlp.data.tokenizer import load_tokenizer
-    from nemo_rlp.models import padded_vocab_size
+    from nemo_rlp.models.vocab import padded_vocab_size
     from nemo_rlp.rollout.sampler import Markers
     from nemo_rlp.training.policy import PolicyWithTeacher, nonfinite_metrics
     from nemo_rlp.training.steps import rlp_step

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nemo_rlp.config import ConfigError, load_config
-from nemo_rlp.models import padded_vocab_size
+from nemo_rlp.models.vocab import padded_vocab_size
 from nemo_rlp.planning import count_parameters, extra_forward_tokens, model_flops, rollout_tokens
 from nemo_rlp.training.loop import Trainer
 from nemo_rlp.training.metrics import throughput
