@@ -41,9 +41,15 @@ COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
 
 
 def run(args: list[str], out: Path, log_name: str) -> dict:
-    """One training run; its summary.json (the report's figures). Raises with the log's tail on failure."""
+    """One training run; its summary.json (the report's figures). Raises with the log's tail on failure.
+    A run that already finished with the same arguments (``science_args.json`` beside its report) is
+    reused, so an interrupted or split comparison continues where it stopped."""
     out.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{log_name}.log"
+    done, summary = out / "science_args.json", out / "report" / "summary.json"
+    if done.is_file() and summary.is_file() and json.loads(done.read_text()) == args:
+        print(f"  {log_name}: reused the finished run in {out}", flush=True)
+        return json.loads(summary.read_text())
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -53,7 +59,8 @@ def run(args: list[str], out: Path, log_name: str) -> dict:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"{log_name} failed (exit {proc.returncode}); log {log}:\n{tail}")
     print(f"  {log_name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return json.loads((out / "report" / "summary.json").read_text())
+    done.write_text(json.dumps(args))
+    return json.loads(summary.read_text())
 
 
 def one_seed(seed: int, schedule: dict, root: Path, extra: list[str]) -> dict[str, dict]:
@@ -105,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shortened arms, one seed (under 20 minutes)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
+    parser.add_argument("--seed-values", type=int, nargs="+", default=None,
+                        help="these trainer.seed values instead (e.g. one seed per machine; a later run "
+                             "with all of them and the same --out reuses the finished ones)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "science")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
@@ -112,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = schedule["seeds"]
     if args.seeds is not None:
         seeds = [1234 + 1111 * i for i in range(args.seeds)]
+    if args.seed_values:
+        seeds = args.seed_values
     root = args.out / ("quick" if args.quick else "full")
     t0 = time.perf_counter()
     results = []
