@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 FULL = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234, 2345, 3456]}
 QUICK = {"warmup": 1200, "rlp_cycles": 150, "seeds": [1234]}
 COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
+REUSED: list[str] = []  # runs taken from an earlier invocation (their wall time is in their own logs)
 
 
 def run(args: list[str], out: Path, log_name: str) -> dict:
@@ -49,6 +50,7 @@ def run(args: list[str], out: Path, log_name: str) -> dict:
     done, summary = out / "science_args.json", out / "report" / "summary.json"
     if done.is_file() and summary.is_file() and json.loads(done.read_text()) == args:
         print(f"  {log_name}: reused the finished run in {out}", flush=True)
+        REUSED.append(str(out))
         return json.loads(summary.read_text())
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(one_seed(seed, schedule, root, args.overrides))
     wall = time.perf_counter() - t0
     print(f"\n{len(seeds)} seed(s), warm-up {schedule['warmup']} NTP steps, then {schedule['rlp_cycles']} "
-          f"NTP+RLP cycles (RLP arm) or their compute in NTP steps (CPT arm); wall time {wall / 60:.1f} min\n")
+          f"NTP+RLP cycles (RLP arm) or their compute in NTP steps (CPT arm); wall time {wall / 60:.1f} min"
+          + (f" ({len(REUSED)} of {3 * len(seeds)} runs reused from earlier invocations)" if REUSED else "") + "\n")
     print(table(results))
     rlp = [100 * r["RLP"]["with_thought"]["accuracy"] for r in results]
     cpt = [100 * r["CPT"]["with_thought"]["accuracy"] for r in results]
