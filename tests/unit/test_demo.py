@@ -1,7 +1,8 @@
 """The embedded demo, shortened: RLP learns to think on the bundled corpus, and the run report says so.
 
 The full default (`python -m nemo_rlp.train`) is measured in the issue note and the README; this runs
-the same entry point with fewer steps and checks that every figure moves the right way:
+the same entry point and schedule with a shorter evaluation, and checks that every figure moves the
+right way:
 - the mean reward over the last fifth of the RLP steps is positive and above the first fifth's, with
   and without the teacher's start-marker term;
 - on held-out answer positions a sampled thought beats no thought in accuracy and in log p(answer);
@@ -29,9 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The demo's model, data, RLP and evaluation; a shorter schedule, fewer held-out positions.
 SHORTENED = [
-    "trainer.steps=1200",
-    "trainer.schedule.ntp_warmup_steps=1000",
-    "trainer.lr_decay_steps=1000",
+    # The demo's own schedule (1200 warm-up steps, then 200 NTP + 200 RLP steps): with 1000 warm-up
+    # steps and 100 RLP steps, RLP made the held-out walks worse (49.2% -> 21.4% with a thought), and
+    # over the first 100 RLP steps of the demo the mean reward still falls (1.892 -> 1.845) before it
+    # rises; the shortened part is the evaluation (128 positions).
     "eval.num_positions=128",
     "checkpoint.every_steps=0",
     "logging.tensorboard=false",
@@ -39,18 +41,18 @@ SHORTENED = [
 ]
 
 
-@pytest.mark.timeout(1200)  # about 4 minutes alone on 2 cores; far more on a busy machine
+@pytest.mark.timeout(1500)  # about 10-12 minutes alone on 2 cores; far more on a busy machine
 def test_shortened_demo_learns_to_think(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "nemo_rlp.train", *SHORTENED, f"logging.output_dir={out}", "checkpoint.resume=never"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     rewards = [r["reward_mean"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "rlp"]
-    assert len(rewards) == 100
+    assert len(rewards) == 200
     first, last = first_and_last_fifth(rewards)
     assert last > 0, f"mean reward over the last fifth of RLP steps: {last:+.3f}"
     assert last > first, f"mean reward, first fifth {first:+.3f} -> last fifth {last:+.3f}"
@@ -75,7 +77,7 @@ def test_shortened_demo_learns_to_think(tmp_path: Path) -> None:
             assert image.format == "PNG" and image.size[0] > 100
     assert "with a sampled thought" in report and "Sampled thoughts" in report
     before = final["after_warmup"]
-    assert before["step"] == 1000  # the baseline when the warm-up ended
+    assert before["step"] == 1200  # the baseline when the warm-up ended
     assert think["accuracy"] > before["with_thought"]["accuracy"], (before["with_thought"], think)
     assert think["logprob"] > before["with_thought"]["logprob"], (before["with_thought"], think)
     assert "What the steps after the warm-up changed" in report
