@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     cpt = [100 * r["CPT"]["with_thought"]["accuracy"] for r in results]
     (a, s), (b, t) = mean_std(rlp), mean_std(cpt)
     print(f"RLP minus CPT: {a - b:+.1f} points held-out thought accuracy (RLP {a:.1f}±{s:.1f}, CPT {b:.1f}±{t:.1f}, "
-          f"{len(seeds)} seeds)")
+          f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''})")
 
 
 if __name__ == "__main__":
