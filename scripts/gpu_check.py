@@ -11,7 +11,7 @@ time box or crashed before writing one (then it is a FAIL that says so), and pri
 `report` writes gpu_check.md (one table) and gpu_check.json.
 
 Mode `cuda` is the lent GPU machine; mode `cpu` runs the same code on the CPU platform, small, up to
-the calls that need CUDA, so CI can run the script (tests/unit/test_gpu_check.py). This file imports
+the calls that need CUDA, so CI can run the script (tests/integration/test_gpu_check.py). This file imports
 only the standard library at the top: `finalize` and `report` must work where torch is broken.
 """
 

@@ -1,6 +1,6 @@
 """Overrides for a training run small enough for a test: the tiny model, RLP and trainer groups (not
 the demo's), 4 contexts x G=3 thoughts of at most 6 tokens, NTP batches of 4 x 32 tokens; no
-TensorBoard, printed thoughts, report or held-out evaluation (tests/unit/test_demo.py runs those); no
+TensorBoard, printed thoughts, report or held-out evaluation (tests/integration/test_demo.py runs those); no
 checkpoint kept at the end of the warm-up (`checkpoint.keep_steps`), so that a test's checkpoints are
 the ones its every_steps saves."""
 
