@@ -30,6 +30,7 @@ made with --with-ema-teacher hold.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def checkpoint_source(path: str | Path) -> CheckpointSource:
     path = Path(path)
     if (path / IMPORT_FILE).is_file():
         record = json.loads((path / IMPORT_FILE).read_text())
-        model = ModelConfig(**record["model"])
+        model = _model_config(record["model"])
         # The Hugging Face folder it was imported from holds the tokenizer (None: --tokenizer must say).
         source = Path(record.get("source", ""))
         tokenizer = TokenizerSource(folder=source if (source / "tokenizer_config.json").is_file() else None)
@@ -93,7 +94,7 @@ def checkpoint_source(path: str | Path) -> CheckpointSource:
                               "checkpoint folder, or an import's output folder")
         path = resolve_checkpoint(path)
         saved = json.loads((path / CONFIG_FILE).read_text())
-        model = ModelConfig(**saved["model"])
+        model = _model_config(saved["model"])
         data, rlp = saved.get("data", {}), saved.get("rlp", {})
         tokenizer = TokenizerSource(file=Path(data.get("tokenizer") or BUNDLED_TOKENIZER),
                                     eod=data.get("eod_token", "<|endoftext|>"), pad=data.get("pad_token"),
@@ -107,6 +108,12 @@ def checkpoint_source(path: str | Path) -> CheckpointSource:
                           "embedding can be exported")
     return CheckpointSource(dist=dist, model=model, vocab_size=int(metadata[EMBEDDING].global_shape[0]),
                             tokenizer=tokenizer, has_teacher=TEACHER_PREFIX + EMBEDDING in metadata)
+
+
+def _model_config(saved: dict) -> ModelConfig:
+    """The saved model config, its keys this version knows (a key added since takes its default)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
 class SingleProcess:
