@@ -349,8 +349,12 @@ def schema_keys(node: Any = RunConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# conf/ folders that are not groups of the training config: recipes/evaluate.py's benchmark configs.
+NOT_TRAINING_GROUPS = {"benchmark"}
+
+
 def config_groups() -> set[str]:
-    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in NOT_TRAINING_GROUPS}
 
 
 def nearest_key(key: str) -> Optional[str]:

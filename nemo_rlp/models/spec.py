@@ -13,6 +13,7 @@ and the code that used to branch on the architecture asks the spec instead:
 | `cache` (`CacheOps`: the inference caches) | `ModelHandle.select_cache_rows`, the `rows` path (`nemo_rlp.models.row_cache`), the dynamic engine |
 | `pack_alignment` | packed training rows, `nemo_rlp.training.packing` |
 | `tiny_model` | the planner's host-work measurement, `nemo_rlp.rollout.schedule` |
+| `hf_conversion` | the dependency-free Hugging Face import and export, `nemo_rlp.training.hf_checkpoint` |
 
 So a new architecture is a new module that registers a spec, and nothing else (a test registers a
 toy one: tests/unit/test_architecture_registry.py). The allowed values of `model.arch` are this
@@ -94,7 +95,11 @@ class ArchitectureSpec:
     - `pack_alignment(language_model) -> int`: where packed training rows must start for a packed row
       to compute exactly as the row alone (1: anywhere);
     - `tiny_model(depth) -> overrides`: `load_config` overrides of a tiny model of this architecture
-      with `depth` times its smallest layer pattern (the planner measures host work on it), or None.
+      with `depth` times its smallest layer pattern (the planner measures host work on it), or None;
+    - `hf_conversion`: the module that maps this architecture's full state dict to and from a Hugging
+      Face checkpoint without Megatron-Bridge (`check_convertible`, `architecture`, `hf_config`,
+      `model_overrides`, `to_hf`, `from_hf`, as `nemo_rlp.models.gpt.hf_conversion` defines them),
+      or None: the family converts through Megatron-Bridge only.
     """
 
     name: str
@@ -108,6 +113,7 @@ class ArchitectureSpec:
     tp_local_parameters: tuple[str, ...] = ()
     pack_alignment: Callable[[Any], int] = lambda language_model: 1
     tiny_model: Optional[Callable[[int], list[str]]] = None
+    hf_conversion: Optional[Any] = None
 
     def stages(self, cfg: ModelConfigLike, pipeline_parallel: int) -> tuple[str, ...]:
         """The layer kinds of each pipeline stage: the spec's split, or megatron's even one."""

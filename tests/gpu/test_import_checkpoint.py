@@ -1,5 +1,6 @@
 """recipes/import_checkpoint.py: a Hugging Face checkpoint in, the policy's megatron-core distributed
-checkpoint out, through Megatron-Bridge.
+checkpoint out, through Megatron-Bridge (its dependency-free fallback is tested on CPU in
+tests/unit/test_hf_conversion.py).
 
 The `gpu` test runs in the NeMo container on a GPU: it writes a small random Qwen3 checkpoint with
 transformers, imports it, loads the distributed checkpoint into a freshly built (differently
@@ -58,6 +59,8 @@ def test_hf_config_must_describe_the_model():
 
 
 def test_without_megatron_bridge_the_recipe_names_the_container(tmp_path, capsys):
+    """Where Megatron-Bridge does not import (no Transformer Engine: CPU), an import that needs it (the
+    hybrid family, which has no dependency-free conversion, or --converter bridge) names the container."""
     if importlib.util.find_spec("megatron.bridge") is not None:
         pytest.skip("Megatron-Bridge is installed here")
     recipe = _recipe()
@@ -65,17 +68,25 @@ def test_without_megatron_bridge_the_recipe_names_the_container(tmp_path, capsys
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(TINY_QWEN3))
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(["--hf", str(hf), "--model", "qwen3_1p7b", "--out", str(tmp_path / "out"), *TINY_OVERRIDES])
+        recipe.main(["--hf", str(hf), "--model", "qwen3_1p7b", "--out", str(tmp_path / "out"), "--converter", "bridge",
+                     *TINY_OVERRIDES])
     message = str(exit_info.value)
     assert "Megatron-Bridge" in message and recipe.NEMO_IMAGE in message
     assert not (tmp_path / "out").exists()
+    (hf / "config.json").write_text(json.dumps({"hidden_size": 5120, "num_hidden_layers": 62}))
+    with pytest.raises(SystemExit, match="Megatron-Bridge"):
+        recipe.main(["--hf", str(hf), "--model", "nemotron_nano_12b_v2", "--out", str(tmp_path / "out")])
+    assert recipe.main(["--hf", str(hf), "--model", "nemotron_nano_12b_v2", "--out", str(tmp_path / "out"),
+                        "--converter", "fallback"]) == 2
+    assert "no dependency-free conversion" in capsys.readouterr().err
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys):
     recipe = _recipe()
     assert recipe.main(["--hf", str(tmp_path), "--model", "qwen3_1p7b", "--out", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text(json.dumps({**TINY_QWEN3, "num_hidden_layers": 3}))
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_QWEN3, "architectures": ["Qwen3ForCausalLM"],
+                                                      "num_hidden_layers": 3}))
     assert recipe.main(["--hf", str(tmp_path), "--model", "qwen3_1p7b", "--out", str(tmp_path / "o"),
                         *TINY_OVERRIDES]) == 2
     assert "num_hidden_layers=3 but model.num_layers=2" in capsys.readouterr().err
@@ -104,9 +115,9 @@ def test_import_tiny_qwen3_matches_hugging_face_logits(tmp_path):
     out = tmp_path / "megatron"
     recipe = _recipe()
     assert recipe.main(["--hf", str(hf_dir), "--model", "qwen3_1p7b", "--out", str(out), "--with-ema-teacher",
-                        *TINY_OVERRIDES]) == 0
+                        "--converter", "bridge", *TINY_OVERRIDES]) == 0
     meta = json.loads((out / "import.json").read_text())
-    assert meta["vocab_size"] == 1024 and meta["layout_at_import"]["tensor_parallel"] == 1
+    assert meta["converter"] == "bridge" and meta["vocab_size"] == 1024 and meta["layout_at_import"]["tensor_parallel"] == 1
     assert meta["parameters_on_rank0"] == sum(p.numel() for p in hf_model.parameters())
 
     # 3. Load it into a fresh model of this project (another seed: every weight must come from disk).

@@ -7,7 +7,8 @@ importable (`nemo_rlp.models.common.use_transformer_engine`; `build_model` choos
 
 Everything the rest of the package asks of this architecture is in `SPEC`, registered under 'gpt'
 (`nemo_rlp.models.spec`): the provider, its layer kinds for the planner (one 'T' per layer), the
-inference-cache operations (keys and values only), the config keys it refuses.
+inference-cache operations (keys and values only), the config keys it refuses, and its Hugging Face
+conversion without Megatron-Bridge (`nemo_rlp.models.gpt.hf_conversion`: Qwen3 and Llama).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from nemo_rlp.models.cache_ops import select_attention_rows
+from nemo_rlp.models.gpt import hf_conversion
 from nemo_rlp.models.common import pipeline_stage, transformer_config
 from nemo_rlp.models.row_cache import RowCache, attention_on_rows
 from nemo_rlp.models.spec import ArchitectureSpec, CacheOps, Fail, ModelConfigLike, register_architecture
@@ -116,4 +118,5 @@ SPEC = register_architecture(ArchitectureSpec(
     cache=ATTENTION_CACHE,
     validate=validate,
     tiny_model=tiny_model,
+    hf_conversion=hf_conversion,
 ))
