@@ -5,12 +5,15 @@ Plain torch, no megatron import (docs/design.md section 2).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["EMATeacher"]
+
+log = logging.getLogger("nemo_rlp")
 
 
 class EMATeacher:
@@ -88,41 +91,26 @@ class EMATeacher:
     # ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """``{'decay', 'initialized', 'num_updates', 'params': {name: fp32 tensor}}``.
+        """The counters: ``{'decay', 'initialized', 'num_updates'}`` (plain Python values).
 
-        As with ``nn.Module.state_dict``, the tensors are (detached) references to the live
-        parameters, not copies: save them before the next update, or clone them.
+        The parameters phi are not in it: they are the ``teacher`` module's tensors, which a
+        checkpoint saves sharded like the policy's (``nemo_rlp.training.checkpoint``), or
+        ``teacher.state_dict()`` in plain torch.
         """
-        return {
-            "decay": self.decay,
-            "initialized": self.initialized,
-            "num_updates": self.num_updates,
-            "params": {name: phi.detach() for name, phi in self.teacher.named_parameters()},
-        }
+        return {"decay": self.decay, "initialized": self.initialized, "num_updates": self.num_updates}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`, checking parameter names and shapes first.
+        """Restore the counters of :meth:`state_dict` (the parameters are the teacher module's).
 
-        Like torch optimizers restoring their hyper-parameters, the saved ``decay`` is restored too.
-        Nothing is modified if any check fails.
+        The decay is a hyper-parameter of this run, not progress: like a learning-rate schedule
+        whose config overrides a checkpoint's, this teacher keeps its own and warns when the saved
+        one differs. Nothing is modified if a key is missing.
         """
-        for key in ("decay", "initialized", "num_updates", "params"):
+        for key in ("decay", "initialized", "num_updates"):
             if key not in state:
                 raise ValueError(f"EMATeacher state: missing key '{key}'")
-        decay = _checked_decay(state["decay"])
-        own = dict(self.teacher.named_parameters())
-        saved: dict[str, Tensor] = state["params"]
-        _check_same_names(own, saved, "teacher", "state['params']")
-        for name, phi in own.items():
-            if tuple(saved[name].shape) != tuple(phi.shape):
-                raise ValueError(
-                    f"parameter '{name}': state['params'] has shape {tuple(saved[name].shape)}, "
-                    f"the teacher has {tuple(phi.shape)}"
-                )
-        for name, phi in own.items():
-            phi.copy_(saved[name])
-        self.decay = decay
+        if float(state["decay"]) != self.decay:
+            log.warning("rlp.ema_decay: the checkpoint used %s, this run uses %s", state["decay"], self.decay)
         self.initialized = bool(state["initialized"])
         self.num_updates = int(state["num_updates"])
 

@@ -321,6 +321,7 @@ def rlp_step_once(name: str, overrides: list[str], mode: str, work: Path) -> dic
     from nemo_rlp.data.tokenizer import load_tokenizer
     from nemo_rlp.models.vocab import padded_vocab_size
     from nemo_rlp.rollout.sampler import Markers
+    from nemo_rlp.training.losses import RLPLoss
     from nemo_rlp.training.policy import PolicyWithTeacher, nonfinite_metrics
     from nemo_rlp.training.steps import rlp_step
 
@@ -347,14 +348,15 @@ def rlp_step_once(name: str, overrides: list[str], mode: str, work: Path) -> dic
                 timer.patches(stack)
             return rlp_step(model, sampler, cfg.rlp.contexts_per_step, cfg.rlp, markers, generator, device)
 
-    warm_metrics, _, _ = step(None)  # seeds the teacher; pays one-time costs (kernels, allocator)
+    warm_metrics = step(None).metrics  # seeds the teacher; pays one-time costs (kernels, allocator)
     policy_before, teacher_before = _snapshot(model.language_model), _snapshot(model.ema.teacher)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = PhaseTimer(device)
     _synchronize(device)
     start = time.perf_counter()
-    metrics, batch, _ = step(timer)
+    output = step(timer)
+    metrics, batch = output.metrics, output.batch
     _synchronize(device)
     total = time.perf_counter() - start
     result = _rlp_figures(cfg, model, timer, batch, total, device)
@@ -362,7 +364,8 @@ def rlp_step_once(name: str, overrides: list[str], mode: str, work: Path) -> dic
         build_seconds=round(build_seconds, 1),
         dtype=cfg.model.params_dtype,
         updated=[warm_metrics.get("updated"), metrics.get("updated")],
-        nonfinite=nonfinite_metrics(warm_metrics) + nonfinite_metrics(metrics),
+        nonfinite=[*nonfinite_metrics(warm_metrics, RLPLoss.guarded_metrics),
+                   *nonfinite_metrics(metrics, RLPLoss.guarded_metrics)],
         policy_changed=_changed(policy_before, model.language_model),
         teacher_changed=_changed(teacher_before, model.ema.teacher),
         ema_updates=model.ema.num_updates,

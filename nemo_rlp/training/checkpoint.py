@@ -4,14 +4,17 @@ keep the last k. Written through megatron-core's `dist_checkpointing`.
 A checkpoint directory (`checkpoint.dir`) holds one directory per saved step:
 
     step_0000040/                 complete: renamed into place after everything below was written
-        dist/                     megatron-core dist_checkpointing (torch_dist): the policy
-                                  (`model.sharded_state_dict()`), the EMA teacher in fp32 (its own
-                                  sharded state dict, keys prefixed `ema_teacher.`), the optimizer
-                                  (`optimizer.sharded_state_dict(model)`: Adam moments and step),
-                                  and in its common part the learning-rate schedule, the EMA
-                                  counters and the trainer's counters
-        rank_state/rank00000.pt   one per rank (torch.save): data-iterator states, the rollout
-                                  generator, torch / numpy / python / megatron-tracker RNG states
+        dist/                     megatron-core dist_checkpointing (torch_dist): the sharded
+                                  tensors of `PolicyWithTeacher.sharded_state_dict()`: the policy,
+                                  the EMA teacher in fp32 (keys prefixed `ema_teacher.`), the
+                                  optimizer (Adam moments and step); and in its common part the
+                                  `state_dict()` of each Stateful component, under its key:
+                                  `scheduler` (the learning-rate schedule), `ema` (the EMA
+                                  teacher's counters), `trainer` (step, skips, summary)
+        rank_state/rank00000.pt   one per rank (torch.save): the rank's Stateful components by
+                                  key (`ntp_batches`, `context_sampler`: data-iterator states;
+                                  `generator`: the rollout generator) and `rng`: torch / numpy /
+                                  python / megatron-tracker RNG states
         config.json               the resolved config that saved it
         manifest.json             the size of every file above, and a checksum of the small ones
                                   (nemo_rlp.training.checkpoint_integrity)
@@ -74,7 +77,7 @@ import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -93,6 +96,9 @@ from nemo_rlp.training.checkpoint_writer import (
     start_results_queue,
 )
 
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.stateful import Stateful
+
 log = logging.getLogger("nemo_rlp")
 
 MARKER = "complete.json"
@@ -100,7 +106,6 @@ CONFIG_FILE = "config.json"
 DIST_DIR = "dist"
 RANK_DIR = "rank_state"
 TMP_SUFFIX = ".tmp"
-TEACHER_PREFIX = "ema_teacher."
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
@@ -275,6 +280,19 @@ def set_rng_state(state: dict[str, Any], tracker: bool = True) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class GeneratorState:
+    """A `torch.Generator` as a Stateful component: its state is `get_state()`'s byte tensor."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
 # ------------------------------------------------------------------------------------------------
 # Saving and loading
 # ------------------------------------------------------------------------------------------------
@@ -298,17 +316,6 @@ def _layout_dict(layout: ParallelLayout) -> dict[str, int]:
         "pipeline_parallel": layout.pipeline_parallel,
         "data_parallel": layout.data_parallel,
     }
-
-
-def _model_sharded_state_dict(model, is_loading: bool) -> dict:
-    """The sharded state of the policy, the EMA teacher and the optimizer (megatron-core)."""
-    from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
-
-    policy = model.language_model.sharded_state_dict()
-    teacher = model.ema.teacher.sharded_state_dict()
-    add_prefix_for_sharding(teacher, TEACHER_PREFIX)
-    optimizer = model.optimizer.sharded_state_dict(policy, is_loading=is_loading)
-    return {"model": policy, "ema_teacher": teacher, "optimizer": optimizer}
 
 
 def _barrier() -> None:
@@ -444,10 +451,13 @@ class Checkpointer:
     # Saving
     # --------------------------------------------------------------------------------------------
 
-    def save(self, step: int, model, common: dict, rank_state: dict) -> Optional[Path]:
-        """Save `step`: the model, teacher and optimizer (sharded), the schedule and `common`
-        (identical on every rank), and this rank's `rank_state`. Returns the final path (complete
-        once this returns, or, with async save, once `poll`/`wait` finalise it)."""
+    def save(self, step: int, model, components: dict[str, Stateful], rank_components: dict[str, Stateful]
+             ) -> Optional[Path]:
+        """Save `step`: the model's sharded tensors (`model.sharded_state_dict()`: policy, teacher,
+        optimizer), the state of each of `components` (identical on every rank) in the common part
+        under its key, and this rank's `rank_components` with the global RNG states in its rank file.
+        Returns the final path (complete once this returns, or, with async save, once `poll`/`wait`
+        finalise it)."""
         if self.last_saved_step == step:
             return None
         self.wait()  # one save at a time
@@ -465,8 +475,9 @@ class Checkpointer:
         what = f"checkpoint step {step} to {final}"
         coordinates = _rank_coordinates(self.layout)
         try:
+            rank_state = {key: component.state_dict() for key, component in rank_components.items()}
             torch.save(
-                {"coordinates": coordinates, "layout": _layout_dict(self.layout), **rank_state},
+                {"coordinates": coordinates, "layout": _layout_dict(self.layout), **rank_state, "rng": rng_state()},
                 tmp / RANK_DIR / f"rank{self.layout.rank:05d}.pt",
             )
         except (OSError, RuntimeError) as error:
@@ -475,11 +486,8 @@ class Checkpointer:
 
         from megatron.core import dist_checkpointing
 
-        state = _model_sharded_state_dict(model, is_loading=False)
-        state["scheduler"] = model.scheduler.state_dict()
-        state["ema"] = {"decay": model.ema.decay, "initialized": model.ema.initialized,
-                        "num_updates": model.ema.num_updates}
-        state["trainer"] = common
+        state = model.sharded_state_dict(is_loading=False)
+        state.update({key: component.state_dict() for key, component in components.items()})
         marker = {
             "step": step,
             "format": FORMAT_VERSION,
@@ -611,39 +619,34 @@ class Checkpointer:
         )
         model.language_model.load_state_dict(loaded["model"])
 
-    def load(self, path: Path, model) -> tuple[dict, dict, bool]:
-        """Load the checkpoint at `path` into `model` (policy, teacher, optimizer, schedule, EMA
-        counters). Returns (the common trainer state, this rank's state, whether the layout is the
-        saved one). The rank state is {} when the data-parallel size changed (module docstring)."""
+    def load(self, path: Path, model, components: dict[str, Stateful], rank_components: dict[str, Stateful]) -> bool:
+        """Load the checkpoint at `path`: the model's sharded tensors, each of `components` from the
+        common part under its key, and this rank's `rank_components` and global RNG states from its
+        rank file (the model-parallel RNG tracker only in the saved layout). Returns whether the rank
+        state was restored: not when the data-parallel size changed (module docstring)."""
         from megatron.core import dist_checkpointing
 
         path = Path(path)
         marker = json.loads((path / MARKER).read_text())
-        state = _model_sharded_state_dict(model, is_loading=True)
-        loaded = dist_checkpointing.load(state, str(path / DIST_DIR))
-        model.language_model.load_state_dict(loaded["model"])
-        model.ema.teacher.load_state_dict(loaded["ema_teacher"])
-        model.optimizer.load_state_dict(loaded["optimizer"])
-        model.scheduler.load_state_dict(loaded["scheduler"])
-        ema = loaded["ema"]
-        if ema["decay"] != model.ema.decay:
-            log.warning("rlp.ema_decay: the checkpoint used %s, this run uses %s", ema["decay"], model.ema.decay)
-        model.ema.initialized = bool(ema["initialized"])
-        model.ema.num_updates = int(ema["num_updates"])
+        loaded = dist_checkpointing.load(model.sharded_state_dict(is_loading=True), str(path / DIST_DIR))
+        model.load_sharded_state_dict(loaded)
+        for key, component in components.items():
+            component.load_state_dict(loaded[key])
 
         saved_layout = marker["layout"]
         same_layout = saved_layout == _layout_dict(self.layout)
-        me = _rank_coordinates(self.layout)
-        if same_layout:
-            source = me["rank"]
-        elif saved_layout["data_parallel"] == self.layout.data_parallel:
-            source = next(r["rank"] for r in marker["ranks"]
-                          if r["dp_rank"] == me["dp_rank"] and r["tp_rank"] == 0 and r["pp_rank"] == 0)
-        else:
-            source = None
-        rank_state: dict = {}
+        source = self._rank_source(marker, same_layout)
         if source is not None:
             rank_state = torch.load(path / RANK_DIR / f"rank{source:05d}.pt", weights_only=False)
+            try:
+                for key, component in rank_components.items():
+                    component.load_state_dict(rank_state[key])
+            except ValueError as err:
+                raise ConfigError(
+                    f"checkpoint {path} was saved over other data: {err} (data.corpus / data.blend / data.format / "
+                    "data.min_context must match the run that saved it)"
+                ) from err
+            set_rng_state(rank_state["rng"], tracker=same_layout)
         if not same_layout and self.layout.is_main:
             log.info(
                 "checkpoint %s was saved with TP=%d PP=%d DP=%d; loading into TP=%d PP=%d DP=%d",
@@ -658,4 +661,14 @@ class Checkpointer:
                             "\n  ".join(differences))
         if path.parent.resolve() == self.directory.resolve():
             self.last_saved_step = int(marker["step"])  # saving this step again would change nothing
-        return loaded["trainer"], rank_state, same_layout
+        return source is not None
+
+    def _rank_source(self, marker: dict, same_layout: bool) -> Optional[int]:
+        """The saved rank whose file this rank reads (module docstring); None: none fits."""
+        me = _rank_coordinates(self.layout)
+        if same_layout:
+            return me["rank"]
+        if marker["layout"]["data_parallel"] == self.layout.data_parallel:
+            return next(r["rank"] for r in marker["ranks"]
+                        if r["dp_rank"] == me["dp_rank"] and r["tp_rank"] == 0 and r["pp_rank"] == 0)
+        return None

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from nemo_rlp.parallel import distributed
 from nemo_rlp.planning import local_matmul_parameters
 from nemo_rlp.preflight import RunInputs, load_inputs
 from nemo_rlp.rollout.sampler import Markers
-from nemo_rlp.training.checkpoint import Checkpointer, checkpoint_dir, load_error, rng_state, set_rng_state
+from nemo_rlp.training.checkpoint import Checkpointer, GeneratorState, checkpoint_dir, load_error
 from nemo_rlp.training.evaluate import evaluate_answers, format_evaluation
 from nemo_rlp.training.metrics import MetricsLogger, throughput
 from nemo_rlp.training.policy import PolicyWithTeacher
@@ -39,7 +39,10 @@ from nemo_rlp.training.preemption import PreemptionHandler
 from nemo_rlp.training.report import first_and_last_fifth, read_metrics, write_report
 from nemo_rlp.training.run_lock import lock_run_directories
 from nemo_rlp.training.schedule import NTP, step_kind
-from nemo_rlp.training.steps import SKIP_REASON, ntp_step, rlp_step
+from nemo_rlp.training.steps import StepOutput, ntp_step, rlp_step
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.stateful import Stateful
 
 log = logging.getLogger("nemo_rlp")
 
@@ -194,46 +197,52 @@ class Trainer:
         # Seeded identically on every TP rank of a replica, so they sample the same thoughts.
         self.generator = torch.Generator().manual_seed(data_seed)
 
-    def train_step(self) -> tuple[str, dict[str, float]]:
-        """One optimizer step of the kind the schedule says; returns the kind and its metrics."""
+    def train_step(self) -> StepOutput:
+        """One optimizer step of the kind the schedule says."""
         cfg, layout, summary = self.cfg, self.layout, self.summary
         kind = step_kind(self.step, cfg.trainer.schedule)
         lr = self.model.learning_rate  # this step's (the schedule moves after each update)
         if kind == NTP:
             tokens = self.ntp_batches.next_batch(self.ntp_per_rank).to(layout.device)
-            step_metrics = ntp_step(self.model, tokens, cfg.trainer.ntp_micro_batch_size)
+            output = ntp_step(self.model, tokens, cfg.trainer.ntp_micro_batch_size)
             summary.ntp_steps += 1
-            summary.ntp_loss.append(step_metrics["ntp_loss"])
+            summary.ntp_loss.append(output.metrics["ntp_loss"])
             summary.ntp_tokens += cfg.trainer.ntp_batch_size * cfg.data.ntp_seq_len
         else:
-            step_metrics, batch, rewards = rlp_step(
+            output = rlp_step(
                 self.model, self.context_sampler, self.contexts_per_rank, cfg.rlp, self.markers,
                 self.generator, layout.device,
             )
-            step_metrics.update({f"data_{k}": float(v) for k, v in self.context_sampler.stats().items()})
+            output.metrics.update({f"data_{k}": float(v) for k, v in self.context_sampler.stats().items()})
             summary.rlp_steps += 1
             summary.rlp_contexts += cfg.rlp.contexts_per_step
             for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate"):
-                getattr(summary, key).append(step_metrics[key])
-            show = cfg.logging.show_thoughts
-            samples = _samples(self.tokenizer, batch, rewards, self.step, rows=max(show, 2 * cfg.rlp.group_size))
-            if layout.is_main and show and summary.rlp_steps % cfg.logging.log_every == 0:
-                for sample in samples[:show]:
-                    log.info("  thought: %r -> x_t=%r reward=%+.3f", sample["thought"], sample["target"], sample["reward"])
-            samples = samples[: 2 * cfg.rlp.group_size]
-            summary.samples_last = samples
-            if not summary.samples_first:
-                summary.samples_first = samples
+                getattr(summary, key).append(output.metrics[key])
+            self._keep_samples(output)
         self.step += 1
         summary.steps += 1
-        self._count_skip(step_metrics)
-        step_metrics["lr"] = lr
-        return kind, step_metrics
+        self._count_skip(output)
+        output.metrics["lr"] = lr
+        return output
 
-    def _count_skip(self, step_metrics: dict) -> None:
+    def _keep_samples(self, output: StepOutput) -> None:
+        """Show the first sampled thoughts of an RLP step, and keep some for the report."""
+        cfg, summary = self.cfg, self.summary
+        show = cfg.logging.show_thoughts
+        samples = _samples(self.tokenizer, output.batch, output.rewards, self.step,
+                           rows=max(show, 2 * cfg.rlp.group_size))
+        if self.layout.is_main and show and summary.rlp_steps % cfg.logging.log_every == 0:
+            for sample in samples[:show]:
+                log.info("  thought: %r -> x_t=%r reward=%+.3f", sample["thought"], sample["target"], sample["reward"])
+        samples = samples[: 2 * cfg.rlp.group_size]
+        summary.samples_last = samples
+        if not summary.samples_first:
+            summary.samples_first = samples
+
+    def _count_skip(self, output: StepOutput) -> None:
         """Count a step whose update was skipped; stop after `trainer.max_consecutive_skips` in a row."""
-        reason = step_metrics.pop(SKIP_REASON, None)
-        if not step_metrics.get("skipped_updates"):
+        reason = output.skip_reason
+        if reason is None:
             self.consecutive_skips = 0
             return
         self.consecutive_skips += 1
@@ -275,12 +284,12 @@ class Trainer:
                         self.summary.preempted = preemption.received
                         break
                     t0 = time.perf_counter()
-                    kind, step_metrics = self.train_step()
+                    output = self.train_step()
                     seconds = time.perf_counter() - t0
                     if self.step % cfg.logging.log_every == 0 or self.step == cfg.trainer.steps:
-                        step_metrics.update(throughput(step_metrics, seconds, self.matmul_parameters,
-                                                       self.layout.data_parallel, cfg.logging.peak_tflops))
-                        metrics.log(self.step - 1, kind, step_metrics, seconds)
+                        output.metrics.update(throughput(output.metrics, seconds, self.matmul_parameters,
+                                                         self.layout.data_parallel, cfg.logging.peak_tflops))
+                        metrics.log(self.step - 1, output.kind, output.metrics, seconds)
                     warmup = cfg.trainer.schedule.ntp_warmup_steps
                     if cfg.eval.after_warmup and self.step == warmup and self.step < cfg.trainer.steps:
                         self.evaluate("after_warmup")
@@ -335,37 +344,43 @@ class Trainer:
 
     def save(self) -> Optional[Path]:
         """Checkpoint the current step (all ranks call it)."""
-        return self.checkpointer.save(self.step, self.model, self._common_state(), self._rank_state())
+        return self.checkpointer.save(self.step, self.model, self.stateful_components(), self.rank_components())
 
-    def _common_state(self) -> dict:
-        """What every rank holds alike: the step, the counters and the summary so far."""
+    def stateful_components(self) -> dict[str, Stateful]:
+        """What every rank holds alike, by its key in a checkpoint's common part: the learning-rate
+        schedule, the EMA counters, and this trainer's counters."""
+        return {**self.model.stateful_components(), "trainer": self}
+
+    def rank_components(self) -> dict[str, Stateful]:
+        """What differs per rank: the data streams and the rollout generator (the checkpointer adds
+        the global RNG states)."""
+        return {"ntp_batches": self.ntp_batches, "context_sampler": self.context_sampler,
+                "generator": GeneratorState(self.generator)}
+
+    def state_dict(self) -> dict:
+        """The trainer's own state: the step, the consecutive skipped steps and the summary so far."""
         summary = asdict(self.summary)
         for key in ("seconds", "output_dir", "checkpoint_dir", "resumed_from", "preempted"):
             summary.pop(key)
         return {"step": self.step, "consecutive_skips": self.consecutive_skips, "summary": summary}
 
-    def _rank_state(self) -> dict:
-        """What differs per rank: the data streams, the rollout generator, the RNG states."""
-        return {
-            "ntp_batches": self.ntp_batches.state_dict(),
-            "context_sampler": self.context_sampler.state_dict(),
-            "generator": self.generator.get_state(),
-            "rng": rng_state(),
-        }
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        for key, value in state["summary"].items():
+            setattr(self.summary, key, value)
 
     def _restore(self, path: Path) -> None:
         from megatron.core.dist_checkpointing.core import CheckpointingException
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         try:
-            common, rank, same_layout = self.checkpointer.load(path, self.model)
+            restored = self.checkpointer.load(path, self.model, self.stateful_components(), self.rank_components())
+        except ConfigError:
+            raise
         except (KeyError, RuntimeError, ValueError, OSError, CheckpointingException, CheckpointException) as err:
             raise load_error(path, err, self.cfg) from err
-        self.step = int(common["step"])
-        self.consecutive_skips = int(common["consecutive_skips"])
-        for key, value in common["summary"].items():
-            setattr(self.summary, key, value)
-        if not rank:
+        if not restored:
             # Another data-parallel size: the saved streams belong to other ranks. Restart them from
             # seeds that depend on the step, so that they do not replay the first batches.
             seed = int(np.random.SeedSequence([self.cfg.trainer.seed, self.step, distributed.data_parallel_rank()])
@@ -375,17 +390,6 @@ class Trainer:
                 "(the data order differs from an uninterrupted run)", path,
             )
             self._seed_data_streams(seed % 2**62)
-            return
-        try:
-            self.ntp_batches.load_state_dict(rank["ntp_batches"])
-            self.context_sampler.load_state_dict(rank["context_sampler"])
-        except ValueError as err:
-            raise ConfigError(
-                f"checkpoint {path} was saved over other data: {err} (data.corpus / data.blend / data.format / "
-                "data.min_context must match the run that saved it)"
-            ) from err
-        self.generator.set_state(rank["generator"])
-        set_rng_state(rank["rng"], tracker=same_layout)
 
 
 def _samples(tokenizer: Tokenizer, batch, rewards: torch.Tensor, step: int, rows: int) -> list[dict]:

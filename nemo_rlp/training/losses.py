@@ -5,12 +5,17 @@ returns the microbatch's share of the global batch loss: its summed loss divided
 units (NTP tokens, RLP thoughts) in the whole global batch, across data-parallel ranks. Summing the
 shares over microbatches and ranks therefore gives exactly the single-process mean, whatever the
 split, and megatron's DDP only has to sum gradients (see `nemo_rlp.training.steps`).
+
+Each loss declares, by exact name, the metrics that carry its loss and rewards (`guarded_metrics`):
+the optimizer step skips the update when one of them is not finite, and fails loudly when one is
+missing from the step's metrics (`nemo_rlp.training.policy.nonfinite_metrics`), so renaming a metric
+without its declaration cannot switch the guard off.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import ClassVar, Optional, Protocol
 
 import torch
 
@@ -21,6 +26,8 @@ from nemo_rlp.objective import (
 
 class MicrobatchLoss(Protocol):
     tokens: torch.Tensor  # long [b, s]: the rows fed to the model (inputs tokens[:, :-1])
+    # The metrics (exact names) whose non-finite value skips the update: the loss and the rewards.
+    guarded_metrics: ClassVar[tuple[str, ...]]
 
     def __call__(self, logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """logprobs [b, s-1] (entry j scores token j+1) -> (share of the global loss, metrics,
@@ -32,6 +39,7 @@ class MicrobatchLoss(Protocol):
 class NTPLoss:
     tokens: torch.Tensor  # [b, s+1]
     global_tokens: int  # predicted tokens in the global batch
+    guarded_metrics: ClassVar[tuple[str, ...]] = ("ntp_loss",)
 
     def __call__(self, logprobs):
         units = logprobs.numel()
@@ -62,6 +70,11 @@ class RLPLoss:
     # The rollout pass's own values, compared with this forward's as a check (not used in the loss).
     sampler_logp: Optional[torch.Tensor] = None  # [N, U]
     sampler_s_pred: Optional[torch.Tensor] = None  # [N]
+    # The loss terms and the rewards with what they are made of (`objective.rlp_metrics`'s names).
+    guarded_metrics: ClassVar[tuple[str, ...]] = (
+        "loss_pg", "kl", "reward_mean", "reward_std", "reward_group_std", "reward_pos_frac", "adv_std",
+        "s_pred_mean", "s_ema_mean",
+    )
 
     @property
     def row_lengths(self) -> torch.Tensor:

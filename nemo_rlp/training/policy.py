@@ -14,8 +14,9 @@ decision: the check is one all-reduce over all ranks.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -26,23 +27,35 @@ from nemo_rlp.models.handle import ModelHandle
 from nemo_rlp.parallel.cpu_platform import cuda_available
 from nemo_rlp.parallel.distributed import ParallelLayout
 
-# Metrics that carry the loss and the rewards; a non-finite value among them skips the update.
-GUARDED_METRICS = ("ntp_loss", "loss", "kl", "reward", "s_pred", "s_ema", "adv")
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.stateful import Stateful
+
+# The EMA teacher's sharded keys in a checkpoint (recipes/import_checkpoint.py writes the same).
+TEACHER_PREFIX = "ema_teacher."
 
 
 @dataclass
 class StepResult:
+    """What one optimizer step did (`PolicyWithTeacher.optimizer_step`)."""
+
     updated: bool
     grad_norm: float
     skip_reason: Optional[str] = None  # why the update was skipped (None: it was not)
 
 
-def nonfinite_metrics(metrics: dict | None) -> list[str]:
-    """The guarded metrics (loss, rewards) of `metrics` whose values are not finite."""
-    return [
-        f"{k}={v}" for k, v in sorted((metrics or {}).items())
-        if k.startswith(GUARDED_METRICS) and not math.isfinite(float(v))
-    ]
+def nonfinite_metrics(metrics: dict | None, guarded: Iterable[str]) -> list[str]:
+    """`name=value` for each of the `guarded` metrics (a loss's `guarded_metrics`: its loss and
+    rewards, by exact name) whose value is not finite. A guarded name that `metrics` lacks raises
+    KeyError naming it: a renamed metric must not switch the guard off without a word."""
+    metrics = metrics or {}
+    names = sorted(set(guarded))
+    missing = [name for name in names if name not in metrics]
+    if missing:
+        raise KeyError(
+            f"the non-finite guard watches {missing}, which the step's metrics lack (they have {sorted(metrics)}): "
+            "a loss's `guarded_metrics` must name metrics that it reports (nemo_rlp/training/losses.py)"
+        )
+    return [f"{name}={metrics[name]}" for name in names if not math.isfinite(float(metrics[name]))]
 
 
 class PolicyWithTeacher:
@@ -120,11 +133,12 @@ class PolicyWithTeacher:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def optimizer_step(self, metrics: dict | None = None, grad_scale: float = 1.0) -> StepResult:
+    def optimizer_step(self, metrics: dict | None, *, guarded: Sequence[str], grad_scale: float = 1.0) -> StepResult:
         """Step the optimizer on the finalised gradients, then the learning-rate schedule and the
-        EMA; or skip all three when `metrics` (the step's reduced loss and rewards) or the gradients
-        are not finite. `grad_scale` multiplies the gradients first (before clipping and Adam)."""
-        reason = self._nonfinite(metrics)
+        EMA; or skip all three when one of the `guarded` metrics (the step's losses' `guarded_metrics`,
+        among its reduced `metrics`) or the gradients are not finite. `grad_scale` multiplies the
+        gradients first (before clipping and Adam)."""
+        reason = self._nonfinite(metrics, guarded)
         if reason is not None:
             return StepResult(updated=False, grad_norm=float("nan"), skip_reason=reason)
         if grad_scale != 1.0:
@@ -138,9 +152,9 @@ class PolicyWithTeacher:
         return StepResult(updated=True, grad_norm=float(grad_norm or 0.0))
 
     @torch.no_grad()
-    def _nonfinite(self, metrics: dict | None) -> Optional[str]:
+    def _nonfinite(self, metrics: dict | None, guarded: Sequence[str]) -> Optional[str]:
         """Why this update must be skipped, the same answer on every rank; None if it must not."""
-        bad_metrics = nonfinite_metrics(metrics)
+        bad_metrics = nonfinite_metrics(metrics, guarded)
         grads = [p.main_grad for p in self.language_model.parameters() if getattr(p, "main_grad", None) is not None]
         squares = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
         if grads:
@@ -156,6 +170,32 @@ class PolicyWithTeacher:
         if not math.isfinite(float(flags[1])):
             return f"non-finite gradients (sum of squared norms {float(flags[1])})"
         return None
+
+    # --------------------------------------------------------------------------------------------
+    # Checkpointing (nemo_rlp.training.checkpoint): sharded tensors, and small Stateful components
+    # --------------------------------------------------------------------------------------------
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        """The tensors, as megatron-core dist_checkpointing sharded state dicts: the policy, the EMA
+        teacher in fp32 (sharded keys prefixed `ema_teacher.`) and the optimizer."""
+        from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+        policy = self.language_model.sharded_state_dict()
+        teacher = self.ema.teacher.sharded_state_dict()
+        add_prefix_for_sharding(teacher, TEACHER_PREFIX)
+        optimizer = self.optimizer.sharded_state_dict(policy, is_loading=is_loading)
+        return {"model": policy, "ema_teacher": teacher, "optimizer": optimizer}
+
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        """Restore what `dist_checkpointing.load` read for `sharded_state_dict(is_loading=True)`."""
+        self.language_model.load_state_dict(loaded["model"])
+        self.ema.teacher.load_state_dict(loaded["ema_teacher"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+
+    def stateful_components(self) -> dict[str, Stateful]:
+        """The small state beside the tensors, by its key in a checkpoint's common part: the
+        learning-rate schedule's progress and the EMA teacher's counters."""
+        return {"scheduler": self.scheduler, "ema": self.ema}
 
     @property
     def learning_rate(self) -> float:

@@ -36,8 +36,9 @@ single-process gradient of the global mean, however the batch is split over rank
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +52,23 @@ from nemo_rlp.objective import rewards
 from nemo_rlp.training.losses import MicrobatchLoss, NTPLoss, RLPLoss, RLPRows
 from nemo_rlp.training.packing import PackedRows, logits_at, pack_alignment, pack_rows, unpack_logprobs
 from nemo_rlp.training.policy import PolicyWithTeacher
+from nemo_rlp.training.schedule import NTP, RLP
+
+
+@dataclass
+class StepOutput:
+    """What one training step of either kind returns (`ntp_step`, `rlp_step`)."""
+
+    kind: str  # NTP or RLP (nemo_rlp.training.schedule)
+    metrics: dict[str, float]  # numbers only; `skipped_updates` counts the skipped optimizer steps
+    skip_reason: Optional[str] = None  # why an update was skipped (None: none was)
+    batch: Optional[ThoughtBatch] = None  # RLP: the rollouts
+    rewards: Optional[torch.Tensor] = None  # RLP: their rewards [B, G] by the sampler's S_pred (for logging)
+
+
+def guarded_metrics(losses: Sequence[MicrobatchLoss]) -> tuple[str, ...]:
+    """The metrics that the non-finite guard watches in a step over `losses` (their declarations)."""
+    return tuple(sorted({name for loss in losses for name in loss.guarded_metrics}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,7 +175,7 @@ def _scores(model: PolicyWithTeacher, batch: ThoughtBatch, micro_rows: int, firs
 # ------------------------------------------------------------------------------------------------
 
 
-def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor, micro_batch_size: int = 0) -> dict[str, float]:
+def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor, micro_batch_size: int = 0) -> StepOutput:
     """One optimizer step on an NTP batch [b, s+1] (this rank's share of the global batch)."""
     (global_tokens,) = data_parallel_sum([tokens[:, 1:].numel()])
     losses = [NTPLoss(chunk, int(global_tokens)) for chunk in tokens.split(micro_batch_size or len(tokens))]
@@ -165,23 +183,10 @@ def ntp_step(model: PolicyWithTeacher, tokens: torch.Tensor, micro_batch_size: i
     model.zero_grad()
     outputs = run_schedule(model, losses)
     metrics = reduce_metrics(outputs)
-    result = model.optimizer_step(metrics)
+    result = model.optimizer_step(metrics, guarded=guarded_metrics(losses))
     metrics.update(grad_norm=result.grad_norm, updated=float(result.updated), trained_tokens=float(global_tokens))
-    _note_skip(metrics, result)
-    return metrics
-
-
-def _note_skip(metrics: dict, result) -> None:
-    """A skipped update (non-finite loss, rewards or gradients) is counted in the metrics, and its
-    reason kept on the side (`SKIP_REASON`): metrics are numbers only."""
-    metrics["skipped_updates"] = metrics.get("skipped_updates", 0.0) + float(result.skip_reason is not None)
-    if result.skip_reason is not None:
-        metrics[SKIP_REASON] = result.skip_reason
-
-
-# The key under which a step's metrics carry why an update was skipped (a string: the loop pops it
-# before logging).
-SKIP_REASON = "_skip_reason"
+    metrics["skipped_updates"] = float(result.skip_reason is not None)
+    return StepOutput(NTP, metrics, result.skip_reason)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,9 +272,9 @@ def rlp_step(
     markers: Markers,
     generator: torch.Generator,
     device: torch.device,
-) -> tuple[dict[str, float], ThoughtBatch, torch.Tensor]:
-    """Roll out and train on `num_contexts` contexts of this rank. Returns the metrics, the rollouts
-    and their rewards [B, G] by the sampler's S_pred (for logging).
+) -> StepOutput:
+    """Roll out and train on `num_contexts` contexts of this rank. Returns the metrics, why updates
+    were skipped if any were, the rollouts and their rewards [B, G] by the sampler's S_pred (for logging).
 
     The metrics carry the step's time split in seconds (`time_teacher_s`: drawing contexts and the
     teacher's scoring; `time_rollout_s`; `time_update_s`: the optimizer steps and their forward and
@@ -303,7 +308,8 @@ def rlp_step(
         pad=markers.pad,
     )
     rolled_out = _clock(device)
-    metrics = rlp_update(model, batch, s_ema, cfg)
+    output = rlp_update(model, batch, s_ema, cfg)
+    metrics = output.metrics
     updated = _clock(device)
     if cfg.log_marker_term:
         term_sum, count = data_parallel_sum([float(marker_term(model, contexts, markers, device).sum()), len(contexts)])
@@ -313,7 +319,9 @@ def rlp_step(
     metrics["thought_len_max"] = float(batch.thought_len.max())
     metrics.update(time_teacher_s=scored - start, time_rollout_s=rolled_out - scored, time_update_s=updated - rolled_out)
     metrics.update(_token_counts(batch, cfg, counts.get("teacher_tokens", 0)))
-    return metrics, batch, rewards(batch.s_pred.view(len(contexts), cfg.group_size), s_ema).cpu()
+    output.batch = batch
+    output.rewards = rewards(batch.s_pred.view(len(contexts), cfg.group_size), s_ema).cpu()
+    return output
 
 
 def _token_counts(batch: ThoughtBatch, cfg: RLPConfig, teacher_tokens: int) -> dict[str, float]:
@@ -330,12 +338,13 @@ def _token_counts(batch: ThoughtBatch, cfg: RLPConfig, teacher_tokens: int) -> d
     return {"thought_tokens": float(thoughts), "trained_tokens": float(trained), "forward_tokens": float(forward)}
 
 
-def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tensor, cfg: RLPConfig) -> dict[str, float]:
+def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tensor, cfg: RLPConfig) -> StepOutput:
     """Train on rollouts: `cfg.num_minibatches` optimizer steps (each followed by the EMA update),
     each on an equal share of the contexts, in microbatches of `cfg.micro_batch_contexts` whole
     groups or `cfg.micro_batch_rows` rows. One loss path (`RLPLoss`) for every configuration: the
     advantages are computed over whole groups first, from the rollout's S_pred, so no microbatch
-    needs a whole group and no forward pass is spent on S_pred."""
+    needs a whole group and no forward pass is spent on S_pred. Returns the RLP step's output
+    without its `batch` and `rewards` (`rlp_step` adds them)."""
     G = batch.group_size
     B = batch.num_contexts
     if B < cfg.num_minibatches:
@@ -388,7 +397,7 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
         model.zero_grad()
         outputs = run_schedule(model, losses, pack=cfg.pack_rows)
         step_metrics = reduce_metrics(outputs)
-        result = model.optimizer_step(step_metrics, grad_scale=cfg.grad_scale)
+        result = model.optimizer_step(step_metrics, guarded=guarded_metrics(losses), grad_scale=cfg.grad_scale)
         step_metrics.update(grad_norm=result.grad_norm, updated=float(result.updated))
         all_metrics.append(step_metrics)
         if result.skip_reason is not None:
@@ -396,7 +405,7 @@ def rlp_update(model: PolicyWithTeacher, batch: ThoughtBatch, s_ema: torch.Tenso
     return _combine_minibatches(all_metrics, reasons)
 
 
-def _combine_minibatches(all_metrics: list[dict], reasons: list[str]) -> dict[str, float]:
+def _combine_minibatches(all_metrics: list[dict], reasons: list[str]) -> StepOutput:
     """The last minibatch's optimizer figures; other figures averaged (maxima: the max) over minibatches."""
     out = {}
     for key in {k for m in all_metrics for k in m}:
@@ -404,9 +413,7 @@ def _combine_minibatches(all_metrics: list[dict], reasons: list[str]) -> dict[st
         out[key] = float(max(values) if key.endswith("_max") else np.mean(values))
     out["grad_norm"], out["updated"] = all_metrics[-1]["grad_norm"], all_metrics[-1]["updated"]
     out["skipped_updates"] = float(len(reasons))
-    if reasons:
-        out[SKIP_REASON] = "; ".join(reasons)
-    return out
+    return StepOutput(RLP, out, "; ".join(reasons) if reasons else None)
 
 
 @torch.no_grad()

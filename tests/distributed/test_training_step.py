@@ -101,14 +101,14 @@ def _train(model_name: str, contexts_split: list[int], ntp_split: list[int], wei
     losses = []
     for step, kind in enumerate(("rlp", "ntp", "rlp")):
         if kind == "ntp":
-            metrics = ntp_step(model, ntp[n0:n1])
+            metrics = ntp_step(model, ntp[n0:n1]).metrics
             losses.append(metrics["ntp_loss"])
             continue
         model.seed_teacher()
         s_ema = _s_ema(model, prefixes, targets)
         batch = sample_thoughts(model.policy, prefixes, targets, params, markers,
                                 torch.Generator().manual_seed(SEED + step), torch.device("cpu"))
-        metrics = rlp_update(model, _rank_rows(batch, c0, c1), s_ema[c0:c1], cfg.rlp)
+        metrics = rlp_update(model, _rank_rows(batch, c0, c1), s_ema[c0:c1], cfg.rlp).metrics
         losses.append(metrics["loss_pg"])
         losses.append(metrics["reward_mean"])
     params_ = dict(model.language_model.named_parameters())

@@ -164,9 +164,10 @@ def test_the_toy_trains_one_rlp_step(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run")
     assert get_architecture(cfg.model.arch) is TOY_SPEC
     assert architecture_of(trainer.model.language_model) is TOY_SPEC
-    assert trainer.train_step()[0] != RLP
+    assert trainer.train_step().kind != RLP
     before = {n: p.detach().clone() for n, p in trainer.model.language_model.named_parameters()}
-    kind, metrics = trainer.train_step()
+    output = trainer.train_step()
+    kind, metrics = output.kind, output.metrics
     assert kind == RLP and metrics["updated"] == 1.0
     assert all(v == v for v in metrics.values() if isinstance(v, float))  # no NaN
     after = dict(trainer.model.language_model.named_parameters())

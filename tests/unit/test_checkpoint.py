@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -378,15 +379,18 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_n_in_a_row(tmp_path, mo
 
     monkeypatch.setattr(NTPLoss, "__call__", nan_loss)
     for expected in (1, 2):
-        _kind, metrics = trainer.train_step()
+        output = trainer.train_step()
+        metrics = output.metrics
         assert metrics["updated"] == 0.0 and metrics["skipped_updates"] == 1.0
+        assert output.skip_reason == "non-finite ntp_loss=nan"
+        assert all(isinstance(v, float) for v in metrics.values())  # the reason is not among the numbers
         assert trainer.consecutive_skips == expected
     after = _state(trainer)
     assert _same(before[0], after[0]) and _same(before[1], after[1]) and before[2:] == after[2:]
     # A good step in between resets the count.
     monkeypatch.setattr(NTPLoss, "__call__", real_call)
-    _, metrics = trainer.train_step()
-    assert metrics["updated"] == 1.0 and trainer.consecutive_skips == 0
+    output = trainer.train_step()
+    assert output.metrics["updated"] == 1.0 and output.skip_reason is None and trainer.consecutive_skips == 0
     monkeypatch.setattr(NTPLoss, "__call__", nan_loss)
     trainer.train_step()
     trainer.train_step()
@@ -410,8 +414,10 @@ def test_nonfinite_gradients_skip_the_update(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(steps_module, "run_schedule", poisoned)
-    kind, metrics = trainer.train_step()
+    output = trainer.train_step()
+    kind, metrics = output.kind, output.metrics
     assert kind == "ntp" and metrics["updated"] == 0.0 and metrics["ntp_loss"] == metrics["ntp_loss"]
+    assert output.skip_reason.startswith("non-finite gradients")
     assert _same(before[0], _state(trainer)[0])
     assert trainer.consecutive_skips == 1
 
@@ -428,11 +434,83 @@ def test_nonfinite_rewards_skip_the_rlp_update_and_the_ema(tmp_path, monkeypatch
     monkeypatch.setattr(steps_module, "sample_contexts", nan_teacher)
     trainer.model.seed_teacher()
     before = _state(trainer)
-    kind, metrics = trainer.train_step()
+    output = trainer.train_step()
+    kind, metrics = output.kind, output.metrics
     assert kind == "rlp" and metrics["updated"] == 0.0 and metrics["reward_mean"] != metrics["reward_mean"]
+    assert "reward_mean=nan" in output.skip_reason and "s_ema_mean=nan" in output.skip_reason
     after = _state(trainer)
     assert _same(before[0], after[0]) and _same(before[1], after[1])
     assert trainer.model.ema.num_updates == 0
+
+
+def test_the_guard_watches_exactly_the_declared_metrics(tmp_path, monkeypatch):
+    """Each loss declares the metrics the non-finite guard watches, by exact name: a non-finite one
+    skips the update, and one the metrics lack (a renamed metric) fails loudly instead of leaving
+    the guard blind. An undeclared metric is not watched."""
+    from nemo_rlp.training.policy import nonfinite_metrics
+
+    assert nonfinite_metrics({"ntp_loss": 1.0, "other": float("nan")}, NTPLoss.guarded_metrics) == []
+    assert nonfinite_metrics({"ntp_loss": float("inf")}, NTPLoss.guarded_metrics) == ["ntp_loss=inf"]
+    with pytest.raises(KeyError, match=r"watches \['ntp_loss'\], which the step's metrics lack"):
+        nonfinite_metrics({"ntp_loss_renamed": 1.0}, NTPLoss.guarded_metrics)
+
+    trainer = Trainer(load_config(FAST + ["trainer.steps=20", "trainer.schedule.rlp_per_cycle=0"]), tmp_path)
+    real_call = NTPLoss.__call__
+
+    def renamed(self, logprobs):
+        share, metrics, units = real_call(self, logprobs)
+        return share, {"token_loss": metrics["ntp_loss"]}, units
+
+    monkeypatch.setattr(NTPLoss, "__call__", renamed)
+    before = _state(trainer)
+    with pytest.raises(KeyError, match="ntp_loss"):
+        trainer.train_step()
+    assert _same(before[0], _state(trainer)[0])  # nothing was stepped
+
+    def nan_declared(self, logprobs):
+        share, metrics, units = real_call(self, logprobs)
+        return share, {"ntp_loss": metrics["ntp_loss"] * float("nan")}, units
+
+    monkeypatch.setattr(NTPLoss, "__call__", nan_declared)
+    output = trainer.train_step()  # a finite loss share, a non-finite declared metric: skipped
+    assert output.metrics["updated"] == 0.0 and output.skip_reason == "non-finite ntp_loss=nan"
+    assert _same(before[0], _state(trainer)[0]) and before[2:] == _state(trainer)[2:]
+
+
+def _equal(a, b) -> bool:
+    """Deep equality of state dicts: nested dicts, sequences, tensors, numpy arrays, plain values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def test_every_stateful_component_round_trips(tmp_path):
+    """What a checkpoint holds besides the sharded tensors is a dict of Stateful components, under the
+    keys of the on-disk format; each one's state_dict() loads into a fresh one and gives it the
+    same state."""
+    overrides = FAST + ["trainer.steps=6", "checkpoint.resume=never"]
+    trained = Trainer(load_config(overrides), tmp_path / "a")
+    for _ in range(3):  # NTP, then RLP: the teacher is seeded and counted, the streams have moved
+        trained.train_step()
+    assert trained.summary.rlp_steps >= 1 and trained.model.ema.num_updates >= 1
+    fresh = Trainer(load_config(overrides), tmp_path / "b")
+    components, fresh_components = trained.stateful_components(), fresh.stateful_components()
+    ranks, fresh_ranks = trained.rank_components(), fresh.rank_components()
+    assert list(components) == ["scheduler", "ema", "trainer"]  # the common part's keys on disk
+    assert list(ranks) == ["ntp_batches", "context_sampler", "generator"]
+    for key in [*components, *ranks]:
+        component = components[key] if key in components else ranks[key]
+        target = fresh_components[key] if key in components else fresh_ranks[key]
+        assert not _equal(target.state_dict(), component.state_dict()), key  # the test can fail
+        target.load_state_dict(component.state_dict())
+        assert _equal(target.state_dict(), component.state_dict()), key
+    assert fresh.step == 3 and fresh.model.ema.initialized and fresh.model.scheduler.num_steps == 3
 
 
 def test_init_weights_starts_the_policy_from_a_checkpoint_and_nothing_else(tmp_path):

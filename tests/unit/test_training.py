@@ -70,7 +70,8 @@ def test_parameters_change_over_ntp_and_rlp_steps(trainer):
     before = _snapshot(trainer.model.language_model)
     kinds = []
     for _ in range(4):
-        kind, metrics = trainer.train_step()
+        output = trainer.train_step()
+        kind, metrics = output.kind, output.metrics
         kinds.append(kind)
         assert metrics["updated"] == 1.0
     assert sorted(kinds) == [NTP, NTP, RLP, RLP]
@@ -84,7 +85,7 @@ def test_ema_teacher_is_tau_mix_after_a_step(tmp_path):
     fresh = Trainer(cfg, tmp_path)
     assert not fresh.model.ema.initialized  # lazy: not seeded at construction
     theta0 = _snapshot(fresh.model.language_model)
-    kind, _ = fresh.train_step()
+    kind = fresh.train_step().kind
     assert kind == RLP and fresh.model.ema.initialized
     theta1 = _snapshot(fresh.model.language_model)
     phi = _snapshot(fresh.model.ema.teacher)
@@ -138,8 +139,11 @@ def test_rlp_step_metrics_are_consistent(trainer):
     state = trainer.context_sampler.state_dict()
     contexts = drawn_contexts(trainer.context_sampler, trainer.cfg.rlp.contexts_per_step)
     trainer.context_sampler.load_state_dict(state)  # the step draws these same contexts
-    metrics, batch, rewards = rlp_step(trainer.model, trainer.context_sampler, trainer.cfg.rlp.contexts_per_step,
-                                       trainer.cfg.rlp, trainer.markers, trainer.generator, trainer.layout.device)
+    output = rlp_step(trainer.model, trainer.context_sampler, trainer.cfg.rlp.contexts_per_step,
+                      trainer.cfg.rlp, trainer.markers, trainer.generator, trainer.layout.device)
+    assert output.kind == RLP and output.skip_reason is None
+    metrics, batch, rewards = output.metrics, output.batch, output.rewards
+    assert set(RLPLoss.guarded_metrics) <= set(metrics)  # the guard watched these very names
     G = trainer.cfg.rlp.group_size
     assert batch.tokens.shape[0] == len(contexts) * G
     assert rewards.shape == (len(contexts), G)
@@ -202,7 +206,8 @@ def test_rlp_steps_with_windows_and_a_position_filter(tmp_path):
                               "data.rlp_positions=uniform"])
     run = Trainer(cfg, tmp_path)
     for _ in range(2):
-        kind, metrics = run.train_step()
+        output = run.train_step()
+        kind, metrics = output.kind, output.metrics
         assert kind == RLP and metrics["updated"] == 1.0
     assert metrics["data_contexts"] == 2 * cfg.rlp.contexts_per_step
     assert metrics["data_windows"] <= metrics["data_contexts"] / 2 + 2
@@ -215,7 +220,8 @@ def test_several_minibatches_per_rollout_batch(tmp_path, source):
     cfg = load_config(FAST + ["trainer.steps=1", "trainer.schedule.ntp_per_cycle=0", "rlp.num_minibatches=2",
                               f"rlp.logprob_source={source}", "rlp.micro_batch_contexts=1"])
     run = Trainer(cfg, tmp_path)
-    kind, metrics = run.train_step()
+    output = run.train_step()
+    kind, metrics = output.kind, output.metrics
     assert kind == RLP and metrics["updated"] == 1.0
     assert run.model.ema.num_updates == 2  # one EMA update per optimizer step
     # Ratios are 1 on the first minibatch (theta_old) and move on the second: their max over both is > 1.
@@ -238,7 +244,8 @@ def test_microbatches_that_split_groups_train_like_whole_groups(tmp_path, source
     runs = {}
     for rows in (0, 2):
         run = Trainer(load_config(common + [f"rlp.micro_batch_rows={rows}"]), tmp_path / f"rows{rows}")
-        kind, metrics = run.train_step()
+        output = run.train_step()
+        kind, metrics = output.kind, output.metrics
         assert kind == RLP and metrics["updated"] == 1.0
         runs[rows] = (_snapshot(run.model.language_model), metrics)
     (whole, m_whole), (split, m_split) = runs[0], runs[2]
@@ -270,7 +277,8 @@ def test_every_rlp_configuration_logs_the_same_metric_keys(tmp_path):
     for name, extra in configurations.items():
         run = Trainer(load_config(common + extra), tmp_path / name.replace(", ", "_").replace(" ", "_"))
         for _ in range(run.cfg.trainer.steps):  # with KL: a second step, once the teacher lags the policy
-            kind, metrics = run.train_step()
+            output = run.train_step()
+            kind, metrics = output.kind, output.metrics
             assert kind == RLP and metrics["updated"] == 1.0, name
         keys[name] = {k for k in metrics if k in RLP_METRIC_KEYS or k.startswith(("reward", "s_pred", "s_ema", "kl",
                                                                                       "clip", "ratio", "adv", "loss"))}
@@ -289,7 +297,8 @@ def test_split_groups_need_no_extra_forward(tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "_scores", lambda *a, **k: calls.append(a) or pytest.fail("extra forward"))
     cfg = load_config(FAST + ["trainer.steps=1", "trainer.schedule.ntp_per_cycle=0", "rlp.micro_batch_rows=2",
                               "checkpoint.resume=never"])
-    kind, metrics = Trainer(cfg, tmp_path).train_step()
+    output = Trainer(cfg, tmp_path).train_step()
+    kind, metrics = output.kind, output.metrics
     assert kind == RLP and not calls
     assert metrics["ratio_max"] == 1.0 and metrics["clip_frac"] == 0.0
     assert metrics["s_pred_mismatch_max"] < 1e-4
@@ -300,7 +309,8 @@ def test_chunked_rollouts_scoring_and_row_microbatches_run(tmp_path):
                               "rlp.score_batch_windows=1", "rlp.micro_batch_rows=2", "checkpoint.resume=never"])
     run = Trainer(cfg, tmp_path)
     for _ in range(2):
-        kind, metrics = run.train_step()
+        output = run.train_step()
+        kind, metrics = output.kind, output.metrics
         assert kind == RLP and metrics["updated"] == 1.0 and metrics["thought_len_mean"] >= 1
 
 
@@ -308,7 +318,7 @@ def test_grad_scale_scales_rlp_gradients_before_the_optimizer(trainer):
     """rlp.grad_scale multiplies the gradients the optimizer (and its clipping) sees, not just a
     learning rate: it is RLP's weight in the moments Adam shares with NTP."""
     grads = _rlp_backward(trainer, lambda s: torch.arange(s.numel(), dtype=s.dtype).view_as(s))
-    result = trainer.model.optimizer_step({}, grad_scale=0.25)
+    result = trainer.model.optimizer_step({}, guarded=(), grad_scale=0.25)
     assert result.updated
     after = _grads(trainer)
     assert any(torch.count_nonzero(g) for g in grads.values())
