@@ -23,7 +23,8 @@ def _time_limit(item: pytest.Item) -> float:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests with the longest time limits (the demo, the wheel, bring-your-own-corpus) run first.
 
-    CI runs the suite on two pytest-xdist workers (`-n 2`): started first, the ten-minute demo runs
-    on one worker while the other works through the rest, instead of holding the run's end back.
+    CI runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`: a file's tests on one
+    worker, so module fixtures run once): started first, the ten-minute demo runs on one worker while
+    the other works through the rest, instead of holding the run's end back.
     The sort is stable, so every other test keeps its collection order."""
     items.sort(key=lambda item: -_time_limit(item))

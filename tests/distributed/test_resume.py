@@ -102,6 +102,7 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
+@pytest.mark.timeout(900)  # three training runs (the first also makes the uninterrupted one): 266 s alone
 @pytest.mark.parametrize("tp", [1, 2])
 def test_sigkill_at_a_random_step_then_the_same_command_continues_bitwise(tmp_path, uninterrupted, tp):
     kill_at = random.Random(8 + tp).randint(2, STEPS - 2)
@@ -127,6 +128,7 @@ def test_sigkill_at_a_random_step_then_the_same_command_continues_bitwise(tmp_pa
         )
 
 
+@pytest.mark.timeout(900)  # may make the 2-process uninterrupted run first
 @pytest.mark.parametrize("layout, saved_as", [("tp2", "TP=2 PP=1 DP=1"), ("pp2", "TP=1 PP=2 DP=1")])
 def test_a_tp2_or_pp2_checkpoint_loads_at_tp1_with_the_same_losses(tmp_path, uninterrupted, layout, saved_as):
     """Resume the 2-process run's step-4 checkpoint in one process: the losses of the next steps
