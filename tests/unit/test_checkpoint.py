@@ -1,14 +1,12 @@
 """Checkpoints, resume, preemption and the non-finite guard (nemo_rlp.training.checkpoint,
-preemption, policy, loop), in one process; the SIGKILL/TP tests are in tests/distributed/test_resume.py."""
+preemption, policy, loop), in one process; SIGTERM to a running job is in
+tests/integration/test_train_entry_point.py, the SIGKILL/TP tests in tests/distributed/test_resume.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,11 +19,10 @@ from nemo_rlp.training import checkpoint as ckpt
 from nemo_rlp.training import steps as steps_module
 from nemo_rlp.training.loop import Trainer, TrainingHalted
 from nemo_rlp.training.losses import NTPLoss
-from nemo_rlp.training.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from nemo_rlp.training.preemption import PreemptionHandler
 
 from tests.tiny_run import TINY_RUN
 
-REPO = Path(__file__).resolve().parents[2]
 
 FAST = [*TINY_RUN, "trainer.schedule.ntp_warmup_steps=1"]
 COMPARED = ("ntp_loss", "reward_mean", "s_pred_mean", "s_ema_mean", "grad_norm", "thought_len_mean", "lr")
@@ -228,56 +225,6 @@ def test_a_stuck_writer_fails_the_save_at_its_deadline(tmp_path, monkeypatch):
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
-def test_a_second_sigterm_ends_a_run_whose_save_hangs(tmp_path):
-    """The first SIGTERM asks for a preemption save; that save hangs (a writer that never reports,
-    with no deadline in sight); a second SIGTERM must end the process at once."""
-    started = tmp_path / "writer_started"
-    script = f"""
-import time
-from pathlib import Path
-from megatron.core.dist_checkpointing.strategies import filesystem_async
-from nemo_rlp.config import load_config
-from nemo_rlp.training.loop import Trainer
-
-def stuck():
-    open({str(started)!r}, "w").close()
-    time.sleep(3600)
-
-filesystem_async._process_memory = stuck
-cfg = load_config({FAST + ["trainer.steps=500", "checkpoint.every_steps=0"]!r})
-trainer = Trainer(cfg, Path({str(tmp_path / "run")!r}))
-real_step = trainer.train_step
-def step():
-    out = real_step()
-    if trainer.step == 2:
-        print("step 2 done", flush=True)
-    return out
-trainer.train_step = step
-trainer.train()
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if "step 2 done" in line:
-                break
-        proc.send_signal(signal.SIGTERM)  # the first: save, then exit for a requeue
-        deadline = time.monotonic() + 120
-        while not started.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the preemption save never started"
-            time.sleep(0.1)
-        time.sleep(0.5)
-        assert proc.poll() is None  # the save hangs (the writer never reports)
-        proc.send_signal(signal.SIGTERM)  # the second
-        assert proc.wait(timeout=15) == -signal.SIGTERM
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the stuck writer, orphaned by design of this test
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
 # --------------------------------------------------------------------------------------------------
 # Preemption in one process
 # --------------------------------------------------------------------------------------------------
@@ -306,48 +253,6 @@ def test_a_signal_saves_at_the_next_step_boundary_and_stops(tmp_path, monkeypatc
     summary = trainer.train()
     assert summary.preempted == "SIGUSR1" and summary.steps == 3
     assert ckpt.find_latest(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step_0000003"
-
-
-def test_sigterm_to_the_job_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
-    """SIGTERM to every process of the run, as Slurm sends it; then the same command, from the same
-    directory and with no output directory given, finds the checkpoint and finishes the run."""
-    command = [sys.executable, "-m", "nemo_rlp.train", *FAST, "trainer.steps=16", "checkpoint.every_steps=0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(r"step +1/16 ", line):
-                os.killpg(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log = "".join(lines)
-    assert rc == REQUEUE_EXIT_CODE, log[-3000:]
-    assert "received SIGTERM" in log and "checkpoint: step" in log
-    run_dir = ckpt.default_output_dir(load_config(command[3:]), cwd=tmp_path)
-    root = run_dir / "checkpoints"
-    (saved,) = ckpt.complete_checkpoints(root)
-    assert 1 <= saved[0] < 16
-
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    log = again.stdout + again.stderr
-    assert again.returncode == 0, log[-3000:]
-    assert f"resumed from {saved[1]} at step {saved[0]}" in log
-    assert ckpt.find_latest(root) == root / "step_0000016"
-    # One history in one directory: the default output directory did not change with the resume.
-    assert [r["step"] for r in _records(run_dir / "metrics.jsonl")] == list(range(16))
-    # A finished run's rerun has nothing to do, and its report still plots the whole history (it
-    # used to find an empty per-invocation directory and write a report with no plots).
-    again = subprocess.run([*command, "logging.report=true"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=180)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert "nothing to do" in again.stdout + again.stderr
-    assert (run_dir / "report" / "ntp_loss.png").is_file() and (run_dir / "report" / "reward.png").is_file()
-    assert "![ntp_loss](ntp_loss.png)" in (run_dir / "report" / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------------------------------

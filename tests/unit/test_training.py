@@ -1,13 +1,8 @@
-"""The walking skeleton end to end: the entry point, the interleaved steps, the EMA teacher, the
-gradient path of the RLP loss, and start-up validation of bad overrides."""
+"""The walking skeleton end to end, in one process: the interleaved steps, the EMA teacher, the
+gradient path of the RLP loss, and validation of bad overrides (the entry point itself, in a
+subprocess: tests/integration/test_train_entry_point.py)."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +17,6 @@ from nemo_rlp.training.steps import rlp_step, run_schedule, sample_contexts
 from tests.tiny_run import TINY_RUN
 from tests.drawn import drawn_contexts
 
-REPO = Path(__file__).resolve().parents[2]
 
 # Small and fast: 4 contexts x G=3 thoughts of at most 6 tokens, RLP from the first step on.
 FAST = [*TINY_RUN, "trainer.schedule.ntp_warmup_steps=0"]
@@ -42,28 +36,6 @@ def test_schedule_interleaves_after_warmup():
     cfg = load_config(["trainer.schedule.ntp_warmup_steps=2", "trainer.schedule.ntp_per_cycle=1",
                        "trainer.schedule.rlp_per_cycle=2"]).trainer.schedule
     assert [step_kind(i, cfg) for i in range(8)] == [NTP, NTP, NTP, RLP, RLP, NTP, RLP, RLP]
-
-
-def test_entry_point_runs_rlp_and_ntp_steps(tmp_path):
-    """`python -m nemo_rlp.train` with overrides: 2 NTP + 2 RLP steps, per-step lines, metrics files."""
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "nemo_rlp.train", *FAST, "trainer.steps=4", "logging.tensorboard=true",
-         f"logging.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    for kind, n in (("[ntp]", 2), ("[rlp]", 2)):
-        assert log.count(kind) == n, log[-3000:]
-    assert "reward=" in log and "end=" in log and "done." in log
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["ntp", "rlp", "ntp", "rlp"]
-    for r in records[1::2]:
-        for key in ("reward_mean", "reward_pos_frac", "thought_len_mean", "end_marker_rate", "clip_frac"):
-            assert key in r and r[key] == r[key]  # present and not NaN
-    assert any((out / "tensorboard").iterdir())
-    assert json.loads((out / "resolved_config.json").read_text())["rlp"]["group_size"] == 3
 
 
 def test_parameters_change_over_ntp_and_rlp_steps(trainer):
@@ -184,19 +156,6 @@ def test_bad_override_is_rejected_naming_the_key(override, key):
     extra = ["trainer.schedule.ntp_per_cycle=0"] if "rlp_per_cycle" in override else []
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config([override, *extra])
-
-
-@pytest.mark.parametrize("override, key", [("rlp.group_size=1", "rlp.group_size"),
-                                           ("rlp.max_thought_len=-5", "rlp.max_thought_len"),
-                                           ("rlp.no_such_key=1", "no_such_key")])
-def test_entry_point_fails_at_startup_on_bad_override(tmp_path, override, key):
-    proc = subprocess.run(
-        [sys.executable, "-m", "nemo_rlp.train", override, f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
-    assert proc.returncode != 0
-    assert key in proc.stderr
-    assert "training:" not in proc.stdout + proc.stderr  # rejected before any work
 
 
 def test_rlp_steps_with_windows_and_a_position_filter(tmp_path):
