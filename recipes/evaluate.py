@@ -19,15 +19,14 @@ prints lm-eval's table. Exit status: 0 done; 2 a bad argument (one line on stder
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemo_rlp.config import ConfigError  # noqa: E402
+from nemo_rlp.recipe_logging import setup_recipe_logging  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+    setup_recipe_logging()
     import torch
 
     from nemo_rlp.training import benchmarks

@@ -46,13 +46,13 @@ import json
 import logging
 import math
 import sys
-import warnings
 from pathlib import Path
 
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemo_rlp.config import ConfigError, ModelConfig, as_dict, load_config  # noqa: E402
+from nemo_rlp.recipe_logging import setup_recipe_logging  # noqa: E402
 
 log = logging.getLogger("nemo_rlp.import")
 
@@ -276,9 +276,7 @@ def _version(package: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+    setup_recipe_logging()
     try:
         cfg, hf_config, converter = _prepare(args)
     except ConfigError as err:

@@ -12,9 +12,7 @@ is `nemo_rlp.data.indexed.preprocess`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 # Runnable from a checkout without installing the package.
@@ -22,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemo_rlp.data.indexed import preprocess
 from nemo_rlp.data.tokenizer import Tokenizer
+from nemo_rlp.recipe_logging import setup_recipe_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pad", default=Tokenizer.PAD)
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+    setup_recipe_logging()
     try:
         tokenizer = Tokenizer.from_file(
             args.tokenizer, think_start=args.think_start, think_end=args.think_end, eod=args.eod, pad=args.pad
