@@ -44,7 +44,8 @@ from nemo_rlp.data.bundled import BUNDLED_TOKENIZER
 from nemo_rlp.models import build_model, build_teacher_model
 from nemo_rlp.models.spec import get_architecture
 from nemo_rlp.parallel import distributed
-from nemo_rlp.training.checkpoint import CONFIG_FILE, DIST_DIR, TEACHER_PREFIX, resolve_checkpoint
+from nemo_rlp.training.checkpoint import CONFIG_FILE, DIST_DIR, resolve_checkpoint
+from nemo_rlp.training.policy import TEACHER_PREFIX
 
 log = logging.getLogger("nemo_rlp")
 
