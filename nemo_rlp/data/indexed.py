@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -226,6 +227,41 @@ def preprocess(
 # --- reading -----------------------------------------------------------------------------------------
 
 
+# megatron-core's index layout (indexed_dataset._IndexWriter, 0.16): header, version <Q, dtype code
+# <B, sequence count <Q, document count <Q, then the int32 sequence lengths. Read here only to
+# compare sizes before megatron-core is imported; tests/unit/test_indexed_data.py checks these
+# constants against megatron-core's own.
+MEGATRON_INDEX_HEADER = b"MMIDIDX\x00\x00"
+MEGATRON_DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                        7: np.float32, 8: np.uint16}
+
+
+def _check_bin_size(bin_file: Path, idx_file: Path) -> None:
+    """Raise if the .bin does not hold the bytes its .idx describes. Anything this cannot read is
+    left to megatron-core's reader (and the errors around it)."""
+    try:
+        with open(idx_file, "rb") as f:
+            if f.read(len(MEGATRON_INDEX_HEADER)) != MEGATRON_INDEX_HEADER:
+                return
+            _version, code = struct.unpack("<QB", f.read(9))
+            (count,) = struct.unpack("<Q", f.read(8))
+            f.read(8)  # the document count
+            lengths = np.fromfile(f, dtype=np.int32, count=count)
+    except (OSError, struct.error, ValueError):
+        return
+    dtype = MEGATRON_DTYPE_CODES.get(code)
+    if dtype is None or len(lengths) != count:
+        return
+    dtype = np.dtype(dtype)
+    expected, actual = int(lengths.astype(np.int64).sum()) * dtype.itemsize, bin_file.stat().st_size
+    if actual != expected:
+        raise ValueError(
+            f"{bin_file} does not match its index {idx_file}: the index describes {expected} bytes of {dtype.name} "
+            f"tokens, the file has {actual}. The files are truncated or from different runs; rebuild the dataset: "
+            f"{_FIX_BUILD}."
+        )
+
+
 class IndexedDocuments(Sequence[np.ndarray]):
     """The documents of a Megatron indexed dataset, read lazily from the memory-mapped ``.bin``.
 
@@ -249,8 +285,6 @@ class IndexedDocuments(Sequence[np.ndarray]):
         eod_id: int | None = None,
         min_tokens: int = 1,
     ) -> None:
-        from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
-
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
         self.path_prefix = os.fspath(path_prefix)
@@ -262,6 +296,10 @@ class IndexedDocuments(Sequence[np.ndarray]):
                 f"indexed dataset {self.path_prefix!r} holds no tokens ({self.bin_path} is empty); rebuild it from "
                 f"non-empty input: {_FIX_BUILD}."
             )
+        # Before megatron-core is imported (about 4 s of CPU): a truncated .bin fails at once.
+        _check_bin_size(self.bin_path, self.idx_path)
+        from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
+
         try:
             with open(self.idx_path, "rb") as f:  # megatron would assert (and warn from __del__): check first
                 header = f.read(len(_INDEX_HEADER))

@@ -337,3 +337,16 @@ def test_load_documents_blend(prefixes: dict[str, str], tok: Tokenizer, tmp_path
 def test_data_config_validation(override: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}="):
         load_config(override)
+
+
+def test_the_size_check_reads_megatron_cores_index_layout():
+    """nemo_rlp.data.indexed reads the .idx header itself to refuse a truncated .bin before importing
+    megatron-core; its constants must be megatron-core's."""
+    from megatron.core.datasets import indexed_dataset as megatron_indexed
+
+    from nemo_rlp.data import indexed
+
+    assert indexed.MEGATRON_INDEX_HEADER == megatron_indexed._INDEX_HEADER
+    assert {code: np.dtype(dtype) for code, dtype in indexed.MEGATRON_DTYPE_CODES.items()} == {
+        d.value: np.dtype(d.name) for d in megatron_indexed.DType
+    }
