@@ -255,11 +255,16 @@ def _check_bin_size(bin_file: Path, idx_file: Path) -> None:
     dtype = np.dtype(dtype)
     expected, actual = int(lengths.astype(np.int64).sum()) * dtype.itemsize, bin_file.stat().st_size
     if actual != expected:
-        raise ValueError(
-            f"{bin_file} does not match its index {idx_file}: the index describes {expected} bytes of {dtype.name} "
-            f"tokens, the file has {actual}. The files are truncated or from different runs; rebuild the dataset: "
-            f"{_FIX_BUILD}."
-        )
+        raise _size_mismatch(bin_file, idx_file, expected, dtype, actual)
+
+
+def _size_mismatch(bin_file: Path, idx_file: Path, expected: int, dtype: np.dtype, actual: int,
+                   contiguous: bool = True) -> ValueError:
+    return ValueError(
+        f"{bin_file} does not match its index {idx_file}: the index describes {expected} bytes of {dtype.name} "
+        f"tokens{'' if contiguous else ' (not stored back to back)'}, the file has {actual}. The files are "
+        f"truncated or from different runs; rebuild the dataset: {_FIX_BUILD}."
+    )
 
 
 class IndexedDocuments(Sequence[np.ndarray]):
@@ -327,11 +332,7 @@ class IndexedDocuments(Sequence[np.ndarray]):
             pointers[0] == 0 and np.array_equal(pointers[1:], pointers[:-1] + seq_lengths[:-1] * itemsize)
         )
         if actual != expected or not contiguous:
-            raise ValueError(
-                f"{self.bin_path} does not match its index {self.idx_path}: the index describes {expected} bytes "
-                f"of {self.dtype.name} tokens{'' if contiguous else ' (not stored back to back)'}, the file has "
-                f"{actual}. The files are truncated or from different runs; rebuild the dataset: {_FIX_BUILD}."
-            )
+            raise _size_mismatch(self.bin_path, self.idx_path, expected, self.dtype, actual, contiguous)
 
         # Document d spans sequences doc_index[d]:doc_index[d+1], i.e. tokens starts[d]:starts[d]+lengths[d].
         token_ends = np.concatenate([[0], np.cumsum(seq_lengths)])
