@@ -9,6 +9,8 @@ of state live here once and a family's `select_rows` says which of its layers ke
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -40,3 +42,41 @@ def select_attention_rows(language_model: torch.nn.Module, cache, index: torch.T
         if isinstance(module, Attention) and module.layer_number in cache.key_value_memory_dict:
             moved += select_kv_rows(cache, module.layer_number, index)
     return moved
+
+
+# megatron-core 0.18 on: the Mamba mixer reads and writes the static inference cache only while
+# `megatron.core.inference.utils.InferenceMode` is active (mamba_mixer.py `forward`), a process-wide
+# flag megatron's inference engines set; without it a cached forward silently recomputes from zero
+# states. Before 0.18 the mixer keyed on `inference_context is not None and not self.training`, and
+# the flag does not exist. (first version, first version not covered, the flag is needed)
+INFERENCE_MODE_BY_VERSION = (
+    ("0.16", "0.18", False),
+    ("0.18", "0.20", True),
+)
+
+
+@contextlib.contextmanager
+def cached_forward(language_model: torch.nn.Module, fresh: bool):
+    """Run a cached forward (a prefill when `fresh`, else a decode step) as megatron's own
+    inference engines do: with `InferenceMode` active where the installed megatron-core reads it,
+    restored afterwards to what it was. On a prefill, every Mamba mixer's cached -exp(A_log)
+    (megatron-core 0.19's `_get_decode_A_neg_exp`, refreshed only on a switch to training mode) is
+    marked stale, so weights changed in eval mode (a loaded checkpoint, an EMA update) are used."""
+    from nemo_rlp.megatron_version import rows_for
+
+    if fresh:
+        for module in language_model.modules():
+            if hasattr(module, "_A_neg_exp_cache_stale"):
+                module._A_neg_exp_cache_stale = True
+    if not any(rows_for(INFERENCE_MODE_BY_VERSION)):
+        yield
+        return
+    from megatron.core.inference.utils import InferenceMode
+
+    was_active = InferenceMode.is_active()
+    InferenceMode.set_active()
+    try:
+        yield
+    finally:
+        if not was_active:
+            InferenceMode.unset_active()

@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 
+from nemo_rlp.models.cache_ops import cached_forward
 from nemo_rlp.models.row_cache import RowCache, row_cached_logits
 from nemo_rlp.models.spec import architecture_of
 from nemo_rlp.parallel import pipeline
@@ -93,7 +94,8 @@ class ModelHandle:
         positions = positions.unsqueeze(0).expand_as(tokens)
         if offset > 0:
             cache.enable_decode_mode()
-        logits = self._logits(tokens, positions, inference_context=cache, runtime_gather_output=True)
+        with cached_forward(self.language_model, fresh=offset == 0):
+            logits = self._logits(tokens, positions, inference_context=cache, runtime_gather_output=True)
         cache.increment_sequence_len_offset(tokens.shape[1])
         return self._share(None if logits is None else logits[:, -1].float(), tokens.shape[0])
 

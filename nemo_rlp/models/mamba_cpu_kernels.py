@@ -58,7 +58,6 @@ from __future__ import annotations
 import logging
 import sys
 import types
-import warnings
 from typing import Optional
 
 import torch
@@ -67,7 +66,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-CHECKED_MEGATRON_CORE_VERSION = "0.16.1"
 _TENSOR_OPS_MODULE = "megatron.core.inference.contexts.attention_context.triton.tensor_ops"
 _INF = float("inf")
 
@@ -480,6 +478,73 @@ def selective_state_update(
 
 
 # ------------------------------------------------------------------------------------------------
+# megatron-core's own decode kernels (0.17 on): `megatron.core.ssm.ops`, Triton, sequence dimension
+# ------------------------------------------------------------------------------------------------
+
+
+def megatron_causal_conv1d_update(
+    x, conv_state, weight, bias, silu_activation, conv_state_indices=None, intermediate_conv_states=None
+):
+    """Stand-in for `megatron.core.ssm.ops.causal_conv1d_triton.causal_conv1d_update` (megatron-core
+    0.17 on), which the mixer's `_ssm_decode` calls instead of causal-conv1d's.
+
+    x: (batch, dim) or (batch, seqlen, dim) (sequence before channels, unlike causal-conv1d);
+    conv_state: (N, dim, state_len), rolled in place one token at a time; silu_activation: the
+    mixer's activation name ("silu" applies SiLU); conv_state_indices: (batch,), negative rows are
+    padding (output 0, nothing written); intermediate_conv_states: (N, seqlen, dim, state_len), the
+    conv state after each token. Returns out shaped like x.
+    """
+    activation = "silu" if silu_activation in ("silu", True) else None
+    xs = x.unsqueeze(1) if x.dim() == 2 else x
+    outs = []
+    for s in range(xs.shape[1]):
+        outs.append(causal_conv1d_update(
+            xs[:, s], conv_state, weight, bias, activation=activation, conv_state_indices=conv_state_indices
+        ))
+        if intermediate_conv_states is not None:
+            _store_rows(intermediate_conv_states, s, conv_state, conv_state_indices, xs.shape[0])
+    out = torch.stack(outs, dim=1)
+    if conv_state_indices is not None:
+        out = out.masked_fill((conv_state_indices < 0).view(-1, 1, 1), 0)
+    return out.squeeze(1) if x.dim() == 2 else out
+
+
+def megatron_selective_state_update(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None,
+    intermediate_ssm_states=None,
+):
+    """Stand-in for `megatron.core.ssm.ops.mamba_ssm.selective_state_update` (megatron-core 0.17 on).
+
+    As `selective_state_update`, plus an optional sequence dimension after the batch: x, dt, z
+    (batch, [seqlen,] [nheads,] dim), B, C (batch, [seqlen,] [ngroups,] dstate), stepped one token at
+    a time; intermediate_ssm_states (N, seqlen, [nheads,] dim, dstate) gets the state after each."""
+    has_heads = state.dim() > 3
+    has_seq = x.dim() == (4 if has_heads else 3)
+    if not has_seq:
+        out = selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                     state_batch_indices=state_batch_indices)
+        if intermediate_ssm_states is not None:
+            _store_rows(intermediate_ssm_states, 0, state, state_batch_indices, x.shape[0])
+        return out
+    outs = []
+    for s in range(x.shape[1]):
+        outs.append(selective_state_update(
+            state, x[:, s], dt[:, s], A, B[:, s], C[:, s], D=D, z=None if z is None else z[:, s],
+            dt_bias=dt_bias, dt_softplus=dt_softplus, state_batch_indices=state_batch_indices,
+        ))
+        if intermediate_ssm_states is not None:
+            _store_rows(intermediate_ssm_states, s, state, state_batch_indices, x.shape[0])
+    return torch.stack(outs, dim=1)
+
+
+def _store_rows(intermediate, step, state, indices, batch):
+    """intermediate[row, step] = state[row] for the batch's state rows (indices; negative: padding)."""
+    rows = torch.arange(batch, device=state.device) if indices is None else indices.long()
+    rows = rows[rows >= 0]
+    intermediate[rows, step] = state[rows].to(intermediate.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
 # Gated RMSNorm
 # ------------------------------------------------------------------------------------------------
 
@@ -702,33 +767,13 @@ def _stand_ins_support_sequence_packing(for_inference_not_training: bool = True)
     return True, None
 
 
-def install(force: bool = False) -> bool:
-    """Put the stand-ins where megatron's MambaMixer looks them up. Returns True when they are active.
+def _stand_ins_for(version: str) -> dict[str, object]:
+    """Every name the installed megatron-core's mixer module binds at import, with its stand-in:
+    the names all supported versions share, then the rows of `STAND_INS_BY_VERSION` for `version`."""
+    from nemo_rlp.megatron_version import rows_for
 
-    Does nothing when the real kernels are usable (CUDA and mamba-ssm/causal-conv1d importable),
-    unless `force`. Safe to call more than once, before or after megatron's mamba modules are imported.
-    """
-    global _installed
-    if _installed:
-        return True
-    if not force and real_kernels_available():
-        return False
-    from importlib.metadata import version
-
-    found = version("megatron-core")
-    if found != CHECKED_MEGATRON_CORE_VERSION:
-        warnings.warn(
-            f"nemo_rlp Mamba CPU kernels were checked against megatron-core {CHECKED_MEGATRON_CORE_VERSION}, "
-            f"found {found}; run tests/unit/test_mamba_kernels.py to confirm they still take effect.",
-            stacklevel=2,
-        )
-    _register_tensor_ops_stand_in()
-    from megatron.core.ssm import mamba_mixer
-
-    stand_ins = {
-        "selective_state_update": selective_state_update,
+    stand_ins: dict[str, object] = {
         "causal_conv1d_fn": causal_conv1d_fn,
-        "causal_conv1d_update": causal_conv1d_update,
         "causal_conv1d_varlen_states": causal_conv1d_varlen_states,
         "mamba_chunk_scan_combined": mamba_chunk_scan_combined,
         "mamba_split_conv1d_scan_combined": mamba_split_conv1d_scan_combined,
@@ -742,7 +787,54 @@ def install(force: bool = False) -> bool:
         # installed mamba-ssm / causal-conv1d versions whether they honour `seq_idx`; these do.
         "_check_mamba_sequence_packing_support": _stand_ins_support_sequence_packing,
     }
+    for row in rows_for(STAND_INS_BY_VERSION, version):
+        stand_ins.update(row)
+    return stand_ins
+
+
+# The decode kernels changed hands in megatron-core 0.17: 0.16 calls causal-conv1d's and mamba-ssm's
+# (`causal_conv1d_update(x[b, d], ...)`), 0.17 on its own Triton ops in `megatron.core.ssm.ops`
+# (`causal_conv1d_update(x[b, s, d], ..., silu_activation, conv_state_indices,
+# intermediate_conv_states)`, `selective_state_update(..., intermediate_ssm_states)`).
+# (first version, first version not covered, {mixer module name: stand-in}); `rows_for` picks.
+STAND_INS_BY_VERSION = (
+    ("0.16", "0.17", {"causal_conv1d_update": causal_conv1d_update,
+                      "selective_state_update": selective_state_update}),
+    ("0.17", "0.20", {"causal_conv1d_update": megatron_causal_conv1d_update,
+                      "selective_state_update": megatron_selective_state_update}),
+)
+
+# The mixer module's own bindings of the names above, as found before `install()` replaced them
+# (tests compare signatures: a stand-in must accept whatever the mixer passes).
+replaced: dict[str, object] = {}
+
+
+def install(force: bool = False) -> bool:
+    """Put the stand-ins where megatron's MambaMixer looks them up. Returns True when they are active.
+
+    Does nothing when the real kernels are usable (CUDA and mamba-ssm/causal-conv1d importable),
+    unless `force`. Safe to call more than once, before or after megatron's mamba modules are imported.
+    """
+    global _installed
+    if _installed:
+        return True
+    if not force and real_kernels_available():
+        return False
+    from nemo_rlp.megatron_version import installed_version, warn_if_unsupported
+
+    warn_if_unsupported("the Mamba CPU kernels (nemo_rlp.models.mamba_cpu_kernels)")
+    _register_tensor_ops_stand_in()
+    from megatron.core.ssm import mamba_mixer
+
+    stand_ins = _stand_ins_for(installed_version())
+    missing = [name for name in stand_ins if not hasattr(mamba_mixer, name)]
+    if missing:
+        # A name the mixer no longer binds: setting it would change nothing, and its call would reach
+        # a real (GPU) kernel or a MagicMock. Fail here rather than in a forward.
+        raise RuntimeError(f"megatron-core {installed_version()}'s mamba_mixer binds none of {missing}: "
+                           "the Mamba CPU kernels need a new row in STAND_INS_BY_VERSION")
     for name, value in stand_ins.items():
+        replaced.setdefault(name, getattr(mamba_mixer, name))
         setattr(mamba_mixer, name, value)
     _installed = True
     log.info("Mamba CPU kernels installed in megatron.core.ssm.mamba_mixer: %s", ", ".join(stand_ins))

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from nemo_rlp.models.cache_ops import cached_forward
 from nemo_rlp.models.spec import architecture_of
 from nemo_rlp.parallel import pipeline
 
@@ -193,7 +194,8 @@ def row_cached_logits(language_model: torch.nn.Module, tokens: torch.Tensor, cac
         positions = torch.arange(s, device=tokens.device).unsqueeze(0)
     hidden = _stage_input(language_model, tokens, positions)
     # The stage's layers, each on its own kind of state: the architecture's walk (nemo_rlp.models.spec).
-    hidden = architecture_of(language_model).cache.row_layers(language_model, hidden, cache)
+    with cached_forward(language_model, fresh=cache.prefill_rows is not None):
+        hidden = architecture_of(language_model).cache.row_layers(language_model, hidden, cache)
     if cache.prefill_rows is None:
         cache.lengths[:b] += 1
         cache.max_len += 1

@@ -55,8 +55,6 @@ from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
-CHECKED_MEGATRON_CORE_VERSION = "0.16.1"
-
 _installed: dict[str, bool] = {}
 _device_mode: "_CudaToCpuMode | None" = None
 
@@ -89,16 +87,9 @@ def install(force: bool = False) -> bool:
 
 
 def _warn_if_unchecked_version() -> None:
-    from importlib.metadata import version
+    from nemo_rlp.megatron_version import warn_if_unsupported
 
-    found = version("megatron-core")
-    if found != CHECKED_MEGATRON_CORE_VERSION:
-        warnings.warn(
-            f"nemo_rlp CPU platform was checked against megatron-core "
-            f"{CHECKED_MEGATRON_CORE_VERSION}, found {found}; run tests/unit/test_cpu_platform.py "
-            f"to confirm every patch still takes effect.",
-            stacklevel=3,
-        )
+    warn_if_unsupported("the nemo_rlp CPU platform")
 
 
 # --------------------------------------------------------------------------------------------

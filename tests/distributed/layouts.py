@@ -47,7 +47,9 @@ def load_one_stage_weights(model: torch.nn.Module, weights: dict[str, torch.Tens
 
 
 # The Mamba mixer's fused tensors hold [z, x, B, C, dt] (in_proj) / [x, B, C] (conv1d) per TP rank.
-_IN_PROJ, _CONV = "mixer.in_proj.weight", ("mixer.conv1d.weight", "mixer.conv1d.bias")
+# (The conv's parameter names differ by megatron-core version: nemo_rlp.models.hybrid.provider.conv1d_names.)
+_IN_PROJ, _CONV = "mixer.in_proj.weight", ("mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.conv1d_weight",
+                                          "mixer.conv1d_bias")
 
 
 def mixer_parts(model: torch.nn.Module) -> dict[str, dict[str, list[int]]]:

@@ -93,7 +93,10 @@ def runs():
 def test_tp2_shards_the_mixer(runs):
     assert [r["tp_size"] for r in runs["tp2"]] == [2, 2] and runs["tp1"]["tp_size"] == 1
     local, full = runs["tp2"][0]["local_shapes"], runs["tp1"]["local_shapes"]
-    for name in ("decoder.layers.0.mixer.in_proj.weight", "decoder.layers.0.mixer.conv1d.weight",
+    from nemo_rlp.models.hybrid.provider import conv1d_names
+
+    conv_weight = f"decoder.layers.0.mixer.{conv1d_names()[0]}"
+    for name in ("decoder.layers.0.mixer.in_proj.weight", conv_weight,
                  "decoder.layers.0.mixer.A_log", "decoder.layers.0.mixer.norm.weight",
                  "decoder.layers.0.mixer.out_proj.weight", "decoder.layers.1.self_attention.linear_qkv.weight"):
         dim = 1 if name.endswith("out_proj.weight") else 0

@@ -469,17 +469,45 @@ def test_docstring_table_names_every_patch():
     assert sorted(rows) == sorted(cpu_platform._PATCHES)
 
 
-def test_checked_version_is_the_installed_megatron_core():
-    # Fails on a megatron-core upgrade: re-check every spot in the table, then bump the constant.
+def test_installed_megatron_core_is_a_supported_and_tested_release():
+    # Fails on a megatron-core upgrade: run the suite on it, re-check the version tables
+    # (nemo_rlp.megatron_version explains them), then list it in TESTED (and widen SUPPORTED).
+    from nemo_rlp import megatron_version
+
     installed = importlib.metadata.version("megatron-core")
-    assert cpu_platform.CHECKED_MEGATRON_CORE_VERSION == installed
-    assert f"megatron-core {installed}" in cpu_platform.__doc__
-    assert f"megatron-core spot ({installed})" in cpu_platform.__doc__
+    assert megatron_version.installed_version() == installed
+    assert megatron_version.is_supported(), (installed, megatron_version.SUPPORTED)
+    assert installed in megatron_version.TESTED, (installed, megatron_version.TESTED)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    low, end = megatron_version.SUPPORTED
+    assert f'"megatron-core>={low},<{end}"' in pyproject
 
 
-def test_an_unchecked_version_warns(monkeypatch):
-    monkeypatch.setattr(cpu_platform, "CHECKED_MEGATRON_CORE_VERSION", "0.0.0")
-    with pytest.warns(UserWarning, match=r"checked against megatron-core 0\.0\.0"):
+def test_version_tables_cover_every_supported_release_once():
+    """Each version-keyed table answers exactly one row for every release in the supported range."""
+    from nemo_rlp import megatron_version
+    from nemo_rlp.models import cache_ops, mamba_cpu_kernels
+    from nemo_rlp.models.hybrid import provider
+
+    tables = {
+        "mamba_cpu_kernels.STAND_INS_BY_VERSION": mamba_cpu_kernels.STAND_INS_BY_VERSION,
+        "cache_ops.INFERENCE_MODE_BY_VERSION": cache_ops.INFERENCE_MODE_BY_VERSION,
+        "provider.HYBRID_API_BY_VERSION": provider.HYBRID_API_BY_VERSION,
+        "provider.CONV1D_NAMES_BY_VERSION": provider.CONV1D_NAMES_BY_VERSION,
+    }
+    releases = ["0.16.0", "0.16.1", "0.17.0", "0.18.0", "0.18.1", "0.19.0", "0.19.2", "0.19.5rc1"]
+    for name, table in tables.items():
+        for release in releases:
+            assert megatron_version.is_supported(release)
+            assert len(megatron_version.rows_for(table, release)) == 1, (name, release)
+    assert not megatron_version.is_supported("0.15.3") and not megatron_version.is_supported("0.20.0")
+
+
+def test_an_unsupported_version_warns(monkeypatch):
+    from nemo_rlp import megatron_version
+
+    monkeypatch.setattr(megatron_version, "SUPPORTED", ("0.0", "0.1"))
+    with pytest.warns(UserWarning, match=r"supports megatron-core >= 0\.0, < 0\.1"):
         cpu_platform._warn_if_unchecked_version()
 
 

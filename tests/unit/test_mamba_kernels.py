@@ -332,3 +332,71 @@ def test_install_puts_the_stand_ins_where_the_mixer_looks():
     # Nothing was installed under the real packages' names.
     for name in ("mamba_ssm", "causal_conv1d", "triton"):
         assert name not in sys.modules or getattr(sys.modules[name], "__file__", None)
+
+
+def test_megatron_decode_kernels_match_the_mamba_ssm_ones_with_a_sequence_dimension():
+    """megatron-core 0.17 on decodes through its own ops (x sequence-first, intermediate states per
+    token, padding rows): the stand-ins for them agree with the per-token ones above."""
+    gen = torch.Generator().manual_seed(9)
+    b, s, h, p, g, n, w, rows = 3, 2, 2, 4, 1, 8, 4, 5
+    dim = h * p + 2 * g * n
+    conv_state = torch.randn(rows, dim, w, generator=gen)
+    weight, bias = torch.randn(dim, w, generator=gen), torch.randn(dim, generator=gen)
+    x = torch.randn(b, s, dim, generator=gen)
+    idx = torch.tensor([4, -1, 1])
+    reference = conv_state.clone()
+    intermediate = torch.zeros(rows, s, dim, w)
+    out = K.megatron_causal_conv1d_update(x, conv_state, weight, bias, "silu", conv_state_indices=idx,
+                                          intermediate_conv_states=intermediate)
+    for t in range(s):
+        expected = K.causal_conv1d_update(x[[0, 2], t], reference, weight, bias, activation="silu",
+                                          conv_state_indices=idx[[0, 2]])
+        torch.testing.assert_close(out[[0, 2], t], expected)
+        torch.testing.assert_close(intermediate[[4, 1], t], reference[[4, 1]])
+    assert out[1].abs().max() == 0  # a padding row
+    torch.testing.assert_close(conv_state, reference)
+    one = K.megatron_causal_conv1d_update(x[:, 0], conv_state.clone(), weight, bias, "silu", idx)
+    assert one.shape == (b, dim)
+
+    state = torch.randn(rows, h, p, n, generator=gen)
+    ref_state = state.clone()
+    xs, dts = torch.randn(b, s, h, p, generator=gen), torch.rand(b, s, h, p, generator=gen)
+    A = -torch.rand(h, p, n, generator=gen)
+    B, C = torch.randn(b, s, g, n, generator=gen), torch.randn(b, s, g, n, generator=gen)
+    inter = torch.zeros(rows, s, h, p, n)
+    out = K.megatron_selective_state_update(state, xs, dts, A, B, C, dt_softplus=True, state_batch_indices=idx,
+                                            intermediate_ssm_states=inter)
+    assert out.shape == xs.shape
+    for t in range(s):
+        expected = K.selective_state_update(ref_state, xs[:, t], dts[:, t], A, B[:, t], C[:, t], dt_softplus=True,
+                                            state_batch_indices=idx)
+        torch.testing.assert_close(out[[0, 2], t], expected[[0, 2]])
+        torch.testing.assert_close(inter[[4, 1], t], ref_state[[4, 1]])
+    torch.testing.assert_close(state, ref_state)
+
+
+def test_every_stand_in_replaced_a_name_the_mixer_binds_and_takes_its_arguments():
+    """The installed megatron-core's version row (STAND_INS_BY_VERSION) takes effect: every name it
+    sets existed in megatron's mixer module (install() refuses otherwise), and where the original is
+    a function (megatron's own Triton ops from 0.17 on, importable wherever triton is), the stand-in
+    accepts every parameter of it, by the same name and position."""
+    import inspect
+
+    from megatron.core.ssm import mamba_mixer
+
+    K.install(force=True)
+    stand_ins = K._stand_ins_for(K_version())
+    assert set(stand_ins) <= set(K.replaced)
+    for name, stand_in in stand_ins.items():
+        assert getattr(mamba_mixer, name) is stand_in, name
+        original = K.replaced[name]
+        if inspect.isfunction(original) and inspect.isfunction(stand_in):
+            theirs = list(inspect.signature(original).parameters)
+            ours = list(inspect.signature(stand_in).parameters)
+            assert ours[: len(theirs)] == theirs or "unused" in ours, (name, theirs, ours)
+
+
+def K_version():
+    from nemo_rlp.megatron_version import installed_version
+
+    return installed_version()

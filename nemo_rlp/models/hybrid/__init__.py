@@ -105,9 +105,10 @@ def pack_alignment(language_model: torch.nn.Module) -> int:
 
 
 # Mamba mixer parameters that megatron-core sizes per tensor-parallel rank without marking them
-# `tensor_model_parallel` (mamba_mixer.py in megatron-core 0.16.1).
+# `tensor_model_parallel` (mamba_mixer.py in megatron-core 0.16.1). The conv is an nn.Conv1d
+# (`conv1d.weight`) up to 0.18 and bare parameters (`conv1d_weight`) from 0.19: both names.
 MIXER_TP_LOCAL = ("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.conv1d.bias",
-                  "mixer.norm.weight")
+                  "mixer.conv1d_weight", "mixer.conv1d_bias", "mixer.norm.weight")
 
 
 def tiny_model(depth: int) -> list[str]:

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -57,14 +59,73 @@ def hybrid_transformer_config(cfg: ModelConfigLike, tensor_parallel: int, sequen
     )
 
 
+@dataclass(frozen=True)
+class HybridApi:
+    """Where the installed megatron-core keeps the hybrid model, and how it is called."""
+
+    model: str  # "module:Class" of the model
+    stack: str  # the stack the local spec subclasses
+    stack_submodules: str
+    te_stack_spec: str  # megatron's Transformer Engine stack spec
+    spec_keyword: str  # the model's keyword for the stack spec
+    pattern_keyword: str  # the model's keyword for the layer pattern
+    norm_called_directly: bool  # MambaLayer calls `submodules.norm(...)` itself, not build_module
+    layer_passes_eps: bool  # ... and passes it the config's eps
+
+
+# megatron-core 0.18 renamed MambaModel / MambaStack to HybridModel / HybridStack (the old names stay
+# as deprecated aliases, MambaModel logging a warning) and the pattern keyword to
+# `hybrid_layer_pattern`; 0.17 builds the Mamba layer's norm by calling `submodules.norm(config,
+# hidden_size)`, 0.19 also passes it `eps=config.layernorm_epsilon` (0.16: build_module, no eps).
+# (first version, first version not covered, HybridApi); `rows_for` picks.
+_MAMBA_NAMES = dict(
+    model="megatron.core.models.mamba:MambaModel",
+    stack="megatron.core.ssm.mamba_block:MambaStack",
+    stack_submodules="megatron.core.ssm.mamba_block:MambaStackSubmodules",
+    te_stack_spec="megatron.core.models.mamba.mamba_layer_specs:mamba_stack_spec",
+    spec_keyword="mamba_stack_spec",
+    pattern_keyword="hybrid_override_pattern",
+)
+_HYBRID_NAMES = dict(
+    model="megatron.core.models.hybrid.hybrid_model:HybridModel",
+    stack="megatron.core.models.hybrid.hybrid_block:HybridStack",
+    stack_submodules="megatron.core.models.hybrid.hybrid_block:HybridStackSubmodules",
+    te_stack_spec="megatron.core.models.hybrid.hybrid_layer_specs:hybrid_stack_spec",
+    spec_keyword="hybrid_stack_spec",
+    pattern_keyword="hybrid_layer_pattern",
+)
+HYBRID_API_BY_VERSION = (
+    ("0.16", "0.17", HybridApi(**_MAMBA_NAMES, norm_called_directly=False, layer_passes_eps=False)),
+    ("0.17", "0.18", HybridApi(**_MAMBA_NAMES, norm_called_directly=True, layer_passes_eps=False)),
+    ("0.18", "0.19", HybridApi(**_HYBRID_NAMES, norm_called_directly=True, layer_passes_eps=False)),
+    ("0.19", "0.20", HybridApi(**_HYBRID_NAMES, norm_called_directly=True, layer_passes_eps=True)),
+)
+
+
+def hybrid_api(version: str | None = None) -> HybridApi:
+    from nemo_rlp.megatron_version import rows_for
+
+    rows = rows_for(HYBRID_API_BY_VERSION, version)
+    if not rows:
+        from nemo_rlp.megatron_version import installed_version
+
+        raise RuntimeError(f"megatron-core {version or installed_version()} is not supported by the hybrid provider")
+    return rows[0]
+
+
+def _load(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @functools.lru_cache(maxsize=None)
 def _local_mamba_stack_class():
-    from megatron.core.ssm.mamba_block import MambaStack
-
     from nemo_rlp.models.norms import TorchNorm
 
-    class LocalMambaStack(MambaStack):
-        """megatron's MambaStack with a torch final norm instead of the hard-coded TENorm."""
+    stack = _load(hybrid_api().stack)
+
+    class LocalMambaStack(stack):
+        """megatron's MambaStack / HybridStack with a torch final norm instead of the hard-coded TENorm."""
 
         def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
             super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
@@ -77,10 +138,22 @@ def _local_mamba_stack_class():
     return LocalMambaStack
 
 
+def _mamba_layer_norm(norm, eps: float):
+    """The Mamba layer's norm as the installed megatron-core builds it (`HybridApi`)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    api = hybrid_api()
+    if api.layer_passes_eps:
+        return norm
+    if api.norm_called_directly:
+        return functools.partial(norm, eps=eps)
+    # MambaLayer builds its norm without an eps (mamba_layer.py:85 in 0.16.1): pass the config's.
+    return ModuleSpec(module=norm, params={"eps": eps})
+
+
 def local_stack_spec(cfg: ModelConfigLike, config=None):
     """The hybrid stack spec from megatron-core modules only (runs on CPU)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.ssm.mamba_block import MambaStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
     from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
@@ -98,14 +171,14 @@ def local_stack_spec(cfg: ModelConfigLike, config=None):
     # torch norms that allow sequence parallelism (megatron's WrappedTorchNorm refuses it)
     norm = TorchNorm
     qk_norm = norm if cfg.qk_layernorm else IdentityOp
+    stack_submodules = _load(hybrid_api().stack_submodules)
     return ModuleSpec(
         module=_local_mamba_stack_class(),
-        submodules=MambaStackSubmodules(
+        submodules=stack_submodules(
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
-                    # MambaLayer builds its norm without an eps (mamba_layer.py:85): pass the config's.
-                    norm=ModuleSpec(module=norm, params={"eps": cfg.layernorm_epsilon}),
+                    norm=_mamba_layer_norm(norm, cfg.layernorm_epsilon),
                     mixer=ModuleSpec(
                         module=MambaMixer,
                         params={"chunk_size": cfg.mamba_chunk_size},
@@ -154,9 +227,8 @@ def local_stack_spec(cfg: ModelConfigLike, config=None):
 def te_stack_spec(cfg: ModelConfigLike, config=None):
     """megatron's Transformer Engine hybrid spec, with the configured chunk size and QK norms."""
     from megatron.core.extensions.transformer_engine import TENorm
-    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
-    spec = copy.deepcopy(mamba_stack_spec)
+    spec = copy.deepcopy(_load(hybrid_api().te_stack_spec))
     mixer = spec.submodules.mamba_layer.submodules.mixer
     mixer.params = dict(mixer.params or {}, chunk_size=cfg.mamba_chunk_size)
     if cfg.qk_layernorm:
@@ -173,18 +245,16 @@ def build_hybrid(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, de
     `local_stack_spec`)."""
     # Before megatron's mamba modules are imported: the mixer module needs triton otherwise.
     mamba_cpu_kernels.install()
-    from megatron.core.models.mamba import MambaModel
-
+    api = hybrid_api()
     first, last, _ = pipeline_stage()
     config = hybrid_transformer_config(cfg, tensor_parallel, sequence_parallel)
-    model = MambaModel(
+    model = _load(api.model)(
         pre_process=first,
         post_process=last,
         config=config,
-        mamba_stack_spec=layer_spec(cfg, config),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_sequence_length,
-        hybrid_override_pattern=cfg.hybrid_override_pattern,
+        **{api.spec_keyword: layer_spec(cfg, config), api.pattern_keyword: cfg.hybrid_override_pattern},
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rotary_base,
@@ -233,10 +303,11 @@ def _layout_independent_mixer_init(model: torch.nn.Module) -> None:
         # nn.Conv1d's kaiming_uniform(a=sqrt(5)) and bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         bound = mixer.conv_init if mixer.conv_init is not None else 1.0 / math.sqrt(width)
         conv_weight = uniform(sum(conv_sizes), 1, width, low=-bound, high=bound)
-        mixer.conv1d.weight.copy_(keep_rank_slice(conv_weight, conv_sizes))
-        if mixer.conv1d.bias is not None:
+        conv1d_weight, conv1d_bias = conv1d_parameters(mixer)
+        conv1d_weight.copy_(keep_rank_slice(conv_weight, conv_sizes))
+        if conv1d_bias is not None:
             b = 1.0 / math.sqrt(width)
-            mixer.conv1d.bias.copy_(keep_rank_slice(uniform(sum(conv_sizes), low=-b, high=b), conv_sizes))
+            conv1d_bias.copy_(keep_rank_slice(uniform(sum(conv_sizes), low=-b, high=b), conv_sizes))
 
         # softplus(dt_bias) log-uniform in [dt_min, dt_max]; A log-initialised uniform in A_init_range.
         log_dt = uniform(heads, low=math.log(_DT_MIN), high=math.log(_DT_MAX))
@@ -245,3 +316,33 @@ def _layout_independent_mixer_init(model: torch.nn.Module) -> None:
         mixer.dt_bias.copy_(inv_dt.chunk(tp)[rank])
         A = uniform(heads, low=_A_INIT_RANGE[0], high=_A_INIT_RANGE[1])
         mixer.A_log.copy_(torch.log(A).chunk(tp)[rank])
+
+
+# The mixer's depthwise conv: an nn.Conv1d `conv1d` up to megatron-core 0.18, the bare parameters
+# `conv1d_weight` / `conv1d_bias` from 0.19 (the same shapes, (channels, 1, width) and (channels,);
+# megatron maps them to the old checkpoint keys `conv1d.weight` / `conv1d.bias` in its sharded state
+# dict). (first version, first version not covered, (weight attribute path, bias attribute path))
+CONV1D_NAMES_BY_VERSION = (
+    ("0.16", "0.19", ("conv1d.weight", "conv1d.bias")),
+    ("0.19", "0.20", ("conv1d_weight", "conv1d_bias")),
+)
+
+
+def conv1d_names(version: str | None = None) -> tuple[str, str]:
+    """The mixer-relative names of the conv's weight and bias in the installed megatron-core."""
+    from nemo_rlp.megatron_version import rows_for
+
+    return rows_for(CONV1D_NAMES_BY_VERSION, version)[0]
+
+
+def conv1d_parameters(mixer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A MambaMixer's conv weight (channels, 1, width) and bias (channels,) or None."""
+
+    def get(path: str):
+        obj = mixer
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        return obj
+
+    weight_name, bias_name = conv1d_names()
+    return get(weight_name), get(bias_name)
