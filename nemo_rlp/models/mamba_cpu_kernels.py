@@ -804,6 +804,11 @@ STAND_INS_BY_VERSION = (
                       "selective_state_update": megatron_selective_state_update}),
 )
 
+# Names the mixer binds only when causal-conv1d / mamba-ssm import (some versions' fallbacks set
+# them to None, others leave them unbound): their absence says nothing about the version.
+_BOUND_IF_IMPORTED = frozenset({"causal_conv1d_fn", "causal_conv1d_varlen_states", "mamba_chunk_scan_combined",
+                                "mamba_split_conv1d_scan_combined"})
+
 # The mixer module's own bindings of the names above, as found before `install()` replaced them
 # (tests compare signatures: a stand-in must accept whatever the mixer passes).
 replaced: dict[str, object] = {}
@@ -827,14 +832,14 @@ def install(force: bool = False) -> bool:
     from megatron.core.ssm import mamba_mixer
 
     stand_ins = _stand_ins_for(installed_version())
-    missing = [name for name in stand_ins if not hasattr(mamba_mixer, name)]
+    missing = [name for name in stand_ins if not hasattr(mamba_mixer, name) and name not in _BOUND_IF_IMPORTED]
     if missing:
         # A name the mixer no longer binds: setting it would change nothing, and its call would reach
         # a real (GPU) kernel or a MagicMock. Fail here rather than in a forward.
         raise RuntimeError(f"megatron-core {installed_version()}'s mamba_mixer binds none of {missing}: "
                            "the Mamba CPU kernels need a new row in STAND_INS_BY_VERSION")
     for name, value in stand_ins.items():
-        replaced.setdefault(name, getattr(mamba_mixer, name))
+        replaced.setdefault(name, getattr(mamba_mixer, name, None))
         setattr(mamba_mixer, name, value)
     _installed = True
     log.info("Mamba CPU kernels installed in megatron.core.ssm.mamba_mixer: %s", ", ".join(stand_ins))

@@ -31,6 +31,8 @@ patch that stops working fails a test rather than a training run.
 | `mamba_kernels`           | ssm/mamba_mixer.py:22 imports megatron's Triton tensor ops, and | the pure-torch kernels of   |
 |                           | the mixer calls mamba-ssm / causal-conv1d kernels               | `nemo_rlp.models.mamba_cpu_kernels` (installed from here so |
 |                           |                                                                 | megatron's Mamba modules import right after `install()`)   |
+| `streams`                 | `torch.cuda.current_stream()` (0.19 only:                       | a stream whose waits are    |
+|                           | distributed/param_and_grad_buffer.py:632 `start_grad_sync`)     | no-ops                      |
 | `clip_grads`              | optimizer/clip_grads.py:167 asserts `torch.cuda.FloatTensor`    | the same clipping without   |
 |                           | grads (imported by name in optimizer/optimizer.py)              | the CUDA type assertion     |
 
@@ -47,7 +49,6 @@ import contextlib
 import importlib
 import logging
 import time
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -79,8 +80,8 @@ def install(force: bool = False) -> bool:
     if _installed:
         return True
     _warn_if_unchecked_version()
-    for name, patch in _PATCHES.items():
-        patch()
+    for name in patches_for():
+        _PATCHES[name]()
         _installed[name] = True
     log.info("CPU platform installed: %s", ", ".join(sorted(_installed)))
     return True
@@ -301,6 +302,33 @@ def _patch_mamba_kernels() -> None:
     mamba_cpu_kernels.install(force=True)
 
 
+class _CurrentStream:
+    """A stand-in for the current CUDA stream: CPU work is synchronous, so waiting is a no-op."""
+
+    def wait_event(self, event: Any = None) -> None:
+        pass
+
+    def wait_stream(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _WallClockEvent:
+        event = event or _WallClockEvent()
+        event.record()
+        return event
+
+
+_CPU_STREAM = _CurrentStream()
+
+
+def _patch_streams() -> None:
+    # megatron-core 0.19's grad sync (distributed/param_and_grad_buffer.py:632 start_grad_sync) asks
+    # for the current stream on every optimizer step, to wait for CUDA-graph gradient events.
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+
+
 _PATCHES: dict[str, Callable[[], None]] = {
     "current_device": _patch_current_device,
     "cuda_device_literals": _patch_cuda_device_literals,
@@ -311,4 +339,20 @@ _PATCHES: dict[str, Callable[[], None]] = {
     "tensor_cuda_pin_memory": _patch_tensor_cuda_pin_memory,
     "clip_grads": _patch_clip_grads,
     "mamba_kernels": _patch_mamba_kernels,
+    "streams": _patch_streams,
 }
+
+# The patches each megatron-core release needs: (first version, first version not covered, names).
+# A patch missing from the installed version's rows is not applied.
+PATCHES_BY_VERSION = (
+    ("0.16", "0.20", ("current_device", "cuda_device_literals", "causal_masks", "rng_tracker", "synchronize",
+                      "events", "tensor_cuda_pin_memory", "clip_grads", "mamba_kernels")),
+    ("0.19", "0.20", ("streams",)),
+)
+
+
+def patches_for(version: str | None = None) -> list[str]:
+    """The names of the patches `install()` applies for megatron-core `version` (default: installed)."""
+    from nemo_rlp.megatron_version import rows_for
+
+    return [name for names in rows_for(PATCHES_BY_VERSION, version) for name in names]

@@ -409,6 +409,24 @@ def test_clip_grads_leaves_a_small_gradient_alone(parallel):
     assert step == pytest.approx(grad_norm, rel=1e-3)
 
 
+@exercises("streams")
+def test_streams_megatron_grad_sync_runs_where_the_version_needs_it(parallel):
+    # megatron-core 0.19's DDP grad sync asks for torch.cuda.current_stream() (param_and_grad_buffer.py:632):
+    # the patch is applied on the versions whose row (PATCHES_BY_VERSION) names it, and only there.
+    if "streams" not in cpu_platform.patches_for():
+        assert not cpu_platform._installed.get("streams")
+        return
+    assert torch.cuda.current_stream() is cpu_platform._CPU_STREAM
+    grad_norm, true_norm, _ = _sgd_step_with_clip(parallel, clip_grad=1.0e6, loss_scale=1.0)
+    assert grad_norm == pytest.approx(true_norm, rel=1e-4)
+
+
+def test_every_version_row_names_known_patches():
+    for _, _, names in cpu_platform.PATCHES_BY_VERSION:
+        assert set(names) <= set(cpu_platform._PATCHES)
+    assert set(cpu_platform.patches_for()) == set(cpu_platform._installed)
+
+
 # --------------------------------------------------------------------------------------------------
 # install() itself
 # --------------------------------------------------------------------------------------------------

@@ -324,8 +324,10 @@ def test_install_puts_the_stand_ins_where_the_mixer_looks():
     assert mamba_mixer.mamba_chunk_scan_combined is K.mamba_chunk_scan_combined
     assert mamba_mixer.mamba_split_conv1d_scan_combined is K.mamba_split_conv1d_scan_combined
     assert mamba_mixer.causal_conv1d_fn is K.causal_conv1d_fn
-    assert mamba_mixer.causal_conv1d_update is K.causal_conv1d_update
-    assert mamba_mixer.selective_state_update is K.selective_state_update
+    # The decode kernels by version (megatron's own ops from 0.17: K.STAND_INS_BY_VERSION).
+    stand_ins = K._stand_ins_for(K_version())
+    assert mamba_mixer.causal_conv1d_update is stand_ins["causal_conv1d_update"]
+    assert mamba_mixer.selective_state_update is stand_ins["selective_state_update"]
     assert mamba_mixer.ExtendedRMSNorm is K.ExtendedRMSNorm
     assert mamba_mixer.tensor_masked_update is K.tensor_masked_update
     assert K.install() is True  # idempotent
