@@ -28,6 +28,7 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
 
     from nemo_rlp.config import ParallelConfig, load_config
     from nemo_rlp.models import build_model
+    from nemo_rlp.models.cache_ops import cached_forward
     from nemo_rlp.models.handle import ModelHandle
     from nemo_rlp.models.vocab import padded_vocab_size
     from nemo_rlp.parallel import distributed
@@ -56,7 +57,8 @@ def _worker(tensor_parallel: int, tokens: torch.Tensor, lengths: torch.Tensor) -
         for _ in range(DECODE_STEPS):
             offset = ctx.sequence_len_offset
             positions = torch.arange(offset, offset + current.shape[1]).unsqueeze(0).expand_as(current)
-            logits = model(current, positions, None, inference_context=ctx, runtime_gather_output=True)
+            with cached_forward(model, fresh=offset == 0):  # as megatron's engines (InferenceMode, 0.18 on)
+                logits = model(current, positions, None, inference_context=ctx, runtime_gather_output=True)
             ctx.sequence_len_offset += current.shape[1]
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
             current = logp.argmax(-1, keepdim=True)

@@ -124,6 +124,8 @@ def test_cached_decoding_equals_full_recompute(model, prompt_len):
     be identical and the log-probs within 1e-4 of a forward over the whole sequence without cache."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
+    from nemo_rlp.models.cache_ops import cached_forward
+
     model.eval()
     steps, batch = 24, 3
     prompt = _tokens(batch, prompt_len, seed=2)
@@ -131,7 +133,9 @@ def test_cached_decoding_equals_full_recompute(model, prompt_len):
     seq = prompt
     max_err = 0.0
     with torch.no_grad():
-        logits = model(prompt, _positions(prompt), None, inference_context=ctx, runtime_gather_output=True)
+        # As megatron's inference engines run a cached forward (InferenceMode from megatron-core 0.18).
+        with cached_forward(model, fresh=True):
+            logits = model(prompt, _positions(prompt), None, inference_context=ctx, runtime_gather_output=True)
         ctx.sequence_len_offset += prompt_len
         for step in range(steps):
             cached = torch.log_softmax(logits[:, -1].float(), dim=-1)
@@ -142,10 +146,11 @@ def test_cached_decoding_equals_full_recompute(model, prompt_len):
             next_token = full.argmax(-1, keepdim=True)
             assert torch.equal(cached.argmax(-1, keepdim=True), next_token), f"step {step}: greedy token differs"
             seq = torch.cat([seq, next_token], dim=1)
-            logits = model(
-                next_token, _positions(next_token, ctx.sequence_len_offset), None,
-                inference_context=ctx, runtime_gather_output=True,
-            )
+            with cached_forward(model, fresh=False):
+                logits = model(
+                    next_token, _positions(next_token, ctx.sequence_len_offset), None,
+                    inference_context=ctx, runtime_gather_output=True,
+                )
             ctx.sequence_len_offset += 1
     print(f"\ncached vs full recompute (prompt {prompt_len}, {steps} steps): max |dlogp| = {max_err:.2e}")
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from nemo_rlp.models import mamba_cpu_kernels
+from nemo_rlp.models.hybrid import mixer_fixes
 from nemo_rlp.models.common import pipeline_stage, transformer_config
 from nemo_rlp.models.spec import ModelConfigLike
 
@@ -245,6 +246,8 @@ def build_hybrid(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, de
     `local_stack_spec`)."""
     # Before megatron's mamba modules are imported: the mixer module needs triton otherwise.
     mamba_cpu_kernels.install()
+    # megatron-core 0.17-0.19 decode static batches of more than one row on row 0's states.
+    mixer_fixes.install()
     api = hybrid_api()
     first, last, _ = pipeline_stage()
     config = hybrid_transformer_config(cfg, tensor_parallel, sequence_parallel)
