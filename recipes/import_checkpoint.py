@@ -57,7 +57,7 @@ from nemo_rlp.recipe_logging import setup_recipe_logging  # noqa: E402
 log = logging.getLogger("nemo_rlp.import")
 
 # The container that carries Megatron-Bridge: the Dockerfile's base image (tests check they agree).
-NEMO_IMAGE = "nvcr.io/nvidia/nemo:26.04.00"
+NEMO_IMAGE = "nvcr.io/nvidia/nemo:26.06.00"
 TEACHER_PREFIX = "ema_teacher."  # nemo_rlp.training.policy.TEACHER_PREFIX
 
 # Hugging Face config keys and the model-config fields they must equal (when the HF config has them).

@@ -36,7 +36,7 @@ set -euo pipefail
 REQUEUE_EXIT_CODE=75  # nemo_rlp.training.preemption.REQUEUE_EXIT_CODE
 
 EXPERIMENT="${EXPERIMENT:-}"
-IMAGE="${IMAGE:-nvcr.io/nvidia/nemo:26.04.00}"
+IMAGE="${IMAGE:-nvcr.io/nvidia/nemo:26.06.00}"
 REPO="${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
 NODES="${SLURM_JOB_NUM_NODES:-${NODES:-1}}"
 GPUS_PER_NODE="${SLURM_NTASKS_PER_NODE:-${GPUS_PER_NODE:-8}}"

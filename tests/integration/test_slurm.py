@@ -146,7 +146,9 @@ def test_dockerfile_base_image_is_pinned_and_shared():
     assert re.fullmatch(r"nvcr\.io/nvidia/nemo:\d{2}\.\d{2}(\.\d{2})?", image), image  # not latest / dev
     assert re.search(r"^FROM \$\{NEMO_IMAGE\}$", text, re.M)
     # The build still checks the image's megatron-core against the supported range.
-    assert 'assert Version("0.16") <= mcore < Version("0.18")' in text
+    from nemo_rlp.megatron_version import SUPPORTED
+
+    assert f'assert Version("{SUPPORTED[0]}") <= mcore < Version("{SUPPORTED[1]}")' in text
     assert "--no-deps" in text
     # The launcher and the import recipe name the same image.
     assert f'IMAGE="${{IMAGE:-{image}}}"' in (SLURM / "rlp.sh").read_text()
