@@ -80,3 +80,23 @@ def cached_forward(language_model: torch.nn.Module, fresh: bool):
     finally:
         if not was_active:
             InferenceMode.unset_active()
+
+
+@contextlib.contextmanager
+def engine_steps():
+    """Around the steps of megatron's dynamic engine: `InferenceMode` active (where the version has
+    it) during them and inactive after, whatever it was before. The engine sets the flag when it is
+    built and clears it only in `suspend()`; left set, the training and scoring forwards that follow a
+    rollout would run megatron's inference paths (from 0.18)."""
+    from nemo_rlp.megatron_version import rows_for
+
+    if not any(rows_for(INFERENCE_MODE_BY_VERSION)):
+        yield
+        return
+    from megatron.core.inference.utils import InferenceMode
+
+    InferenceMode.set_active()
+    try:
+        yield
+    finally:
+        InferenceMode.unset_active()

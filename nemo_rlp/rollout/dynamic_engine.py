@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from nemo_rlp.models.cache_ops import engine_steps
 from nemo_rlp.models.spec import architecture_of
 from nemo_rlp.rollout.thoughts import answer_argmax, layout_rows, row_buffers
 
@@ -86,7 +87,8 @@ def build_engine(handle, markers, max_requests: int, max_sequence: int, buffer_s
     )
     wrapper = GPTInferenceWrapper(model, wrapper_config, context)  # MambaModel goes through the same wrapper
     controller = TextGenerationController(wrapper, tokenizer=_TokenIds(markers.think_end))
-    return DynamicInferenceEngine(controller, context, enable_cuda_graph=True, random_seed=seed)
+    with engine_steps():  # the engine sets InferenceMode when built (0.18 on): off again after
+        return DynamicInferenceEngine(controller, context, enable_cuda_graph=True, random_seed=seed)
 
 
 def sample_thoughts_dynamic(handle, prefixes: Sequence[Sequence[int]], targets: Sequence[int], params, markers,
@@ -105,10 +107,11 @@ def sample_thoughts_dynamic(handle, prefixes: Sequence[Sequence[int]], targets: 
             temperature=params.temperature, top_k=params.top_k, top_p=0.0 if params.top_p >= 1.0 else params.top_p,
             num_tokens_to_generate=cap, termination_id=markers.think_end))
     generated = {}
-    while engine.has_unfinished_requests():
-        for record in engine.step_modern()["finished_request_records"]:
-            request = record.merge() if hasattr(record, "merge") else record
-            generated[request.request_id] = list(request.generated_tokens)
+    with engine_steps():  # InferenceMode on for the engine's steps, off for the scoring below (0.18 on)
+        while engine.has_unfinished_requests():
+            for record in engine.step_modern()["finished_request_records"]:
+                request = record.merge() if hasattr(record, "merge") else record
+                generated[request.request_id] = list(request.generated_tokens)
     thought_len = torch.zeros(len(caps), dtype=torch.long, device=device)
     end_sampled = torch.zeros(len(caps), dtype=torch.bool, device=device)
     for row, sampled in generated.items():
