@@ -26,7 +26,12 @@ The kernels (each checked in `tests/unit/test_mamba_kernels.py`):
 Scans and convolutions compute in fp32 (fp64 when given fp64, for gradcheck) and return the input
 dtype, as the fused kernels do; SSM states are returned/kept in fp32.
 
-`install()` stands in at these megatron-core 0.16.1 call sites (`megatron/core/ssm/mamba_mixer.py`):
+`install()` stands in at these megatron-core 0.16.1 call sites (`megatron/core/ssm/mamba_mixer.py`;
+from 0.17 the decode steps call megatron's own Triton ops instead, `megatron.core.ssm.ops`
+`causal_conv1d_update(x[b, s, d], conv_state, weight, bias, silu_activation, conv_state_indices,
+intermediate_conv_states)` and `selective_state_update(..., intermediate_ssm_states)`, bound under
+the same names in the mixer: `megatron_causal_conv1d_update` / `megatron_selective_state_update`
+stand in for them. Which stand-in goes where for the installed release is `STAND_INS_BY_VERSION`):
 
 | line(s)      | megatron-core name                              | used at                                 |
 |--------------|-------------------------------------------------|-----------------------------------------|
@@ -49,8 +54,8 @@ dtype, as the fused kernels do; SSM states are returned/kept in fp32.
 
 The mixer binds these names at import, so `install()` sets them as attributes of the imported
 `megatron.core.ssm.mamba_mixer` module (whenever it was imported). Call `install()` before building
-a `MambaModel`; `nemo_rlp.models.hybrid.provider` does. `install()` warns once if megatron-core is
-not 0.16.1.
+the hybrid model; `nemo_rlp.models.hybrid.provider` does. `install()` warns once if megatron-core is
+outside the supported range, and refuses a release whose mixer no longer binds a name it sets.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ megatron-core is written for CUDA. Its local (non-Transformer-Engine) layer spec
 CPU with gloo, but a handful of spots name the CUDA device directly. `install()` patches exactly
 those spots, and only when `torch.cuda.is_available()` is False; on a GPU it does nothing.
 
-Checked against megatron-core 0.16.1 (line numbers are that version's); `install()` warns once when
-another version is found, since a moved line can make a patch stop taking effect.
+Supports megatron-core 0.16 through 0.19 (line numbers below are 0.16.1's unless a row says
+otherwise). Which patches a release needs is the table `PATCHES_BY_VERSION`, keyed by the installed
+version (`nemo_rlp.megatron_version`); `install()` warns once when the version is outside the
+supported range, since a moved line can make a patch stop taking effect.
 `tests/unit/test_cpu_platform.py` exercises every patch through the megatron-core code it fixes, so a
 patch that stops working fails a test rather than a training run.
 

@@ -32,6 +32,13 @@ import torch
 from nemo_rlp.models.spec import architecture_of
 
 
+# (first version, first version not covered, PackedSeqParams needs `total_tokens` for the Mamba seq_idx)
+PACKED_TOTAL_TOKENS_BY_VERSION = (
+    ("0.16", "0.17", False),
+    ("0.17", "0.20", True),
+)
+
+
 @dataclass
 class PackedRows:
     input_ids: torch.Tensor  # long [1, T]: every row's inputs (its tokens but the last), end to end
@@ -48,9 +55,16 @@ class PackedRows:
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams
 
+        from nemo_rlp.megatron_version import rows_for
+
+        # The Mamba mixer's per-token sequence index (`seq_idx`, its state resets): megatron-core
+        # 0.16 derives it from cu_seqlens in the mixer; from 0.17 the mixer reads
+        # `PackedSeqParams.seq_idx`, which the dataclass computes only when given `total_tokens`
+        # (without it, Mamba states run on across rows, silently).
+        extra = {"total_tokens": self.input_ids.shape[1]} if any(rows_for(PACKED_TOTAL_TOKENS_BY_VERSION)) else {}
         return PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-            max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen,
+            max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen, **extra,
         )
 
     def real_tokens(self, packed: torch.Tensor) -> torch.Tensor:

@@ -506,6 +506,7 @@ def test_version_tables_cover_every_supported_release_once():
     from nemo_rlp import megatron_version
     from nemo_rlp.models import cache_ops, mamba_cpu_kernels
     from nemo_rlp.models.hybrid import mixer_fixes, provider
+    from nemo_rlp.training import packing
 
     tables = {
         "mamba_cpu_kernels.STAND_INS_BY_VERSION": mamba_cpu_kernels.STAND_INS_BY_VERSION,
@@ -514,6 +515,7 @@ def test_version_tables_cover_every_supported_release_once():
         "provider.CONV1D_NAMES_BY_VERSION": provider.CONV1D_NAMES_BY_VERSION,
         "mixer_fixes.STATIC_DECODE_BATCH_FIRST_BY_VERSION": mixer_fixes.STATIC_DECODE_BATCH_FIRST_BY_VERSION,
         "cpu_platform.PATCHES_BY_VERSION (all versions)": cpu_platform.PATCHES_BY_VERSION[:1],
+        "packing.PACKED_TOTAL_TOKENS_BY_VERSION": packing.PACKED_TOTAL_TOKENS_BY_VERSION,
     }
     releases = ["0.16.0", "0.16.1", "0.17.0", "0.18.0", "0.18.1", "0.19.0", "0.19.2", "0.19.5rc1"]
     for name, table in tables.items():

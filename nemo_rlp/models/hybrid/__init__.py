@@ -1,4 +1,4 @@
-"""The hybrid family: megatron-core's MambaModel, Mamba-2 mixers with attention and MLP layers
+"""The hybrid family: megatron-core's HybridModel (MambaModel before 0.18), Mamba-2 mixers with attention and MLP layers
 (Nemotron-H class); the provider is `nemo_rlp.models.hybrid.provider`.
 
 Everything the rest of the package asks of this architecture is in `SPEC`, registered under

@@ -1,4 +1,7 @@
-"""megatron-core MambaModel provider: hybrid Mamba-Transformer models (Nemotron-H class).
+"""megatron-core hybrid model provider: hybrid Mamba-Transformer models (Nemotron-H class).
+
+megatron-core's `HybridModel` from 0.18 (where `MambaModel` became a deprecated alias), its
+`MambaModel` before: `HYBRID_API_BY_VERSION` says which, and how the layer norm is built.
 
 The provider of the hybrid family (`nemo_rlp.models.hybrid`, which declares the rest of the
 architecture): a `ModelConfig` with `arch: hybrid` in, a (possibly tensor-parallel) `MambaModel` out. The layer
