@@ -199,7 +199,10 @@ def test_a_writer_process_that_dies_fails_the_save_at_once(tmp_path, monkeypatch
 
     monkeypatch.setattr(filesystem_async, "_process_memory", no_psutil)
     start = time.monotonic()
-    with pytest.raises(ckpt.CheckpointWriteError, match=r"writer process \d+ ended \(exit status 1\)"):
+    # megatron-core up to 0.18: the worker dies unreported and the watchdog sees it end; 0.19 catches
+    # the worker's error itself and reports it. Either way the save fails at once, naming why.
+    with pytest.raises(ckpt.CheckpointWriteError,
+                       match=r"writer process \d+ ended \(exit status 1\)|Worker failure: .*psutil is not installed"):
         trainer.save()  # step 2
     assert time.monotonic() - start < 30
     root = tmp_path / "checkpoints"
