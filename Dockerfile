@@ -8,10 +8,10 @@
 # docs/releases/software-versions.md, as of its tags v0.5.1 and v0.6.0 (26.04 lists 0.17.0; 26.02
 # "main:0.16.0", a main-branch build). NeMo 26.08 is said to ship megatron-core 0.19.0, which nemo-rlp
 # also supports, but that table (newest snapshot checked: 2026-08-22, tag v0.6.0) does not list 26.08
-# yet: move to nvcr.io/nvidia/nemo:26.08.00 once it does. The suite runs on megatron-core 0.16.1 and
-# 0.19.2 in CI and was run on 0.17.0; 0.18.0 itself has not been run here (its version rows are the
-# 0.18-0.19 ones: nemo_rlp/megatron_version.py). The build checks that the image's megatron-core is
-# one nemo-rlp supports, so a retagged image cannot slip through.
+# yet: move to nvcr.io/nvidia/nemo:26.08.00 once it does. CI runs the tests on megatron-core 0.19.x
+# and 0.16.1; on 0.18.0 only the version-sensitive CPU tests were run (Mamba kernels, hybrid model,
+# packing), not on a GPU or in this image. The build checks that the image's megatron-core is one
+# nemo-rlp supports, so a retagged image cannot slip through.
 ARG NEMO_IMAGE=nvcr.io/nvidia/nemo:26.06.00
 FROM ${NEMO_IMAGE}
 
