@@ -97,9 +97,9 @@ class DataConfig:
     # end-of-document id (preprocess_data.py --append-eod); "ours", nemo_rlp's NTPBatcher over the
     # loaded documents; "auto", megatron for such indexed data, ours otherwise (JSONL and text, the demo).
     ntp_dataset: str = "auto"
-    # megatron: samples the dataset is built for (null: the run's, trainer.steps' NTP steps times
-    # trainer.ntp_batch_size; past them the samples repeat); and where its indices are cached (null:
-    # <output_dir>/ntp_dataset_cache).
+    # megatron: samples the dataset is built for (null: one pass over the data, a size and an order
+    # that do not depend on trainer.steps; past them the samples repeat), and where its indices are
+    # cached (null: <output_dir>/ntp_dataset_cache).
     ntp_samples: Optional[int] = None
     ntp_cache_dir: Optional[str] = None
     # RLP positions drawn per document window; one EMA-teacher forward per window scores all of them.
@@ -521,7 +521,7 @@ def _validate_data(d: DataConfig) -> None:
         _fail("data.ntp_dataset", d.ntp_dataset, "'ours' or 'auto' for this data: megatron's GPTDataset reads "
               "indexed data (data.format=indexed)")
     if d.ntp_samples is not None and d.ntp_samples < 1:
-        _fail("data.ntp_samples", d.ntp_samples, "null (the run's NTP samples) or an integer >= 1")
+        _fail("data.ntp_samples", d.ntp_samples, "null (one pass over the data) or an integer >= 1")
     _at_least_one("data", d, ("positions_per_document",))
     if d.logprob_band is not None and not (len(d.logprob_band) == 2 and d.logprob_band[0] < d.logprob_band[1]):
         _fail("data.logprob_band", d.logprob_band, "null (off) or [low, high] with low < high (log-probs, <= 0)")

@@ -14,9 +14,11 @@ Which NTP stream a run uses is ``data.ntp_dataset`` (:func:`choose_ntp_dataset`)
 * ``auto`` (the default): ``megatron`` for ``data.format=indexed`` data whose documents end with the
   end-of-document id; ``ours`` otherwise (logged when indexed data lacks the ids).
 
-The dataset is built once for the whole run (``num_samples`` = the run's NTP samples, or
-``data.ntp_samples``), its indices cached under ``path_to_cache`` by rank 0 first and then read by the
-other ranks (megatron's builder does this). All ranks hold the same dataset: step after step the
+The dataset is built once, for ``data.ntp_samples`` samples or by default one pass over the data (as
+many samples as the sources hold tokens: a size, and so an order, that depends on the data alone, so
+that a longer run or the compute-matched NTP baseline resumed from a run's checkpoint continue the
+same stream; a run that needs more repeats it). Its indices are cached under ``path_to_cache`` by
+rank 0 first and then read by the other ranks (megatron's builder does this). All ranks hold the same dataset: step after step the
 global batch is the next ``trainer.ntp_batch_size`` samples and each data-parallel rank takes its
 contiguous share (as Megatron's pretraining sampler does), the tensor-parallel ranks of a replica the
 same one. The state is the number of samples consumed, with the dataset's identity (megatron's
@@ -101,18 +103,20 @@ def build_gpt_dataset(
     weights: Sequence[float] | None,
     *,
     seq_len: int,
-    num_samples: int,
+    num_samples: int | None,
     seed: int,
     tokenizer: MegatronTokenizerInfo,
     cache_dir: str | os.PathLike[str],
 ):
     """The training split of megatron-core's GPT dataset over ``paths`` (indexed-dataset prefixes),
     blended by ``weights`` (token shares; None for one path), with at least ``num_samples`` samples
-    of ``seq_len + 1`` tokens; indices cached in ``cache_dir``. Collective when torch.distributed is
-    initialized (rank 0 builds, then the others read the cache); megatron-core 0.16 needs it initialized
-    to build a blend."""
+    of ``seq_len + 1`` tokens (None: one pass over the data, as many samples as all paths hold tokens,
+    which depends on the data alone); indices cached in ``cache_dir``. Collective when
+    torch.distributed is initialized (rank 0 builds, then the others read the cache); megatron-core
+    0.16 needs it initialized to build a blend."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if len(paths) > 1 and (weights is None or len(weights) != len(paths)):
         raise ValueError(f"a blend of {len(paths)} datasets needs one weight each, got {weights}")
@@ -129,6 +133,13 @@ def build_gpt_dataset(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+    if num_samples is None:
+        tokens = 0
+        for path in paths:  # held while read: megatron closes its memory map when the dataset is deleted
+            indexed = IndexedDataset(path, multimodal=False, mmap=True)
+            tokens += int(indexed.sequence_lengths.sum())
+            del indexed
+        num_samples = max(1, (tokens - 1) // int(seq_len))
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [int(num_samples), 0, 0], lambda: True, config)
     return builder.build()[0]
 
@@ -166,7 +177,8 @@ class MegatronNTPStream:
         if first + batch_size > len(self.dataset) and not self._wrapped:
             self._wrapped = True
             logger.warning("the NTP dataset's %d samples are used up: repeating them from the start (set "
-                           "data.ntp_samples to the run's NTP samples or more)", len(self.dataset))
+                           "data.ntp_samples to the run's NTP samples or more for a reshuffled further "
+                           "pass)", len(self.dataset))
         rows = []
         for i in range(first, first + batch_size):
             sample = self.dataset[i % len(self.dataset)]
@@ -192,8 +204,8 @@ class MegatronNTPStream:
                                 for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
             raise ValueError(
                 f"the NTP dataset differs from the checkpoint's ({differs}). Resume with the same data, "
-                "data.ntp_seq_len, trainer.seed and NTP sample count: the dataset is shuffled for the run's "
-                "length, so when trainer.steps changed, set data.ntp_samples to the saved requested_samples"
+                "data.ntp_seq_len, trainer.seed and data.ntp_samples (megatron shuffles the dataset for its "
+                "whole length: requested_samples null is one pass over the data)"
             )
         self.consumed_samples = int(state["consumed_samples"])
         if int(state["global_batch_size"]) != self.global_batch_size:

@@ -199,13 +199,13 @@ class Trainer:
 
     def _megatron_ntp_stream(self, dp_rank: int) -> MegatronNTPStream:
         """NTP batches from megatron's GPTDataset (data.ntp_dataset; nemo_rlp.data.megatron_ntp), built for
-        data.ntp_samples or the run's NTP samples and seeded with trainer.seed; indices cached in
+        data.ntp_samples or one pass over the data and seeded with trainer.seed; indices cached in
         data.ntp_cache_dir or <output_dir>/ntp_dataset_cache, by rank 0 first."""
         cfg, d = self.cfg, self.cfg.data
         blend = [[float(w), str(p)] for w, p in d.blend] if d.blend else [[1.0, str(d.corpus)]]
         global_batch = cfg.trainer.ntp_batch_size
         run_samples = global_batch * sum(step_kind(s, cfg.trainer.schedule) == NTP for s in range(cfg.trainer.steps))
-        requested = d.ntp_samples or max(run_samples, 1)
+        requested = d.ntp_samples  # None: one pass over the data
         cache = Path(d.ntp_cache_dir) if d.ntp_cache_dir else self.output_dir / "ntp_dataset_cache"
         t0 = time.perf_counter()
         dataset = build_gpt_dataset(
@@ -213,9 +213,13 @@ class Trainer:
             num_samples=requested, seed=cfg.trainer.seed,
             tokenizer=MegatronTokenizerInfo(self.tokenizer.vocab_size, self.tokenizer.eod_id), cache_dir=cache,
         )
-        log.info("NTP batches: megatron %s of %d samples (%d requested, %d for this run; blend weights are token "
-                 "shares) in %.2f s; indices in %s", type(dataset).__name__, len(dataset), requested, run_samples,
-                 time.perf_counter() - t0, cache)
+        log.info("NTP batches: megatron %s of %d samples (data.ntp_samples=%s; blend weights are token shares) in "
+                 "%.2f s, indices in %s; this run reads %d", type(dataset).__name__, len(dataset), requested,
+                 time.perf_counter() - t0, cache, run_samples)
+        if run_samples > len(dataset):
+            log.warning("this run reads %d NTP samples, the dataset has %d: they repeat from the start. Set "
+                        "data.ntp_samples=%d for megatron's reshuffled further passes", run_samples, len(dataset),
+                        run_samples)
         dp = self.layout.data_parallel
         offset = sum(_per_rank(global_batch, dp, r, "trainer.ntp_batch_size") for r in range(dp_rank))
         identity = {"requested_samples": requested, "seed": cfg.trainer.seed, "seq_len": d.ntp_seq_len, "blend": blend}

@@ -180,7 +180,7 @@ def test_auto_picks_ours_for_jsonl_and_megatron_for_indexed_data_with_eod(tmp_pa
 @pytest.mark.parametrize(("overrides", "message"), [
     (["data.ntp_dataset=gpt"], r"data\.ntp_dataset='gpt' is not allowed: 'auto', 'ours' or 'megatron'"),
     (["data.ntp_dataset=megatron"], r"data\.ntp_dataset.*reads indexed data"),
-    (["data.ntp_samples=0"], r"data\.ntp_samples"),
+    (["data.ntp_samples=0"], r"data\.ntp_samples=0 is not allowed: null \(one pass over the data\)"),
 ])
 def test_bad_choices_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -188,24 +188,25 @@ def test_bad_choices_are_config_errors(overrides, message):
 
 
 def test_trainer_reads_megatron_batches_and_resumes_them(tmp_path):
-    """A tiny run on the bundled corpus preprocessed with --append-eod: auto picks GPTDataset; a
-    resumed trainer continues with the same NTP batches."""
+    """A tiny run on the bundled corpus preprocessed with --append-eod: auto picks GPTDataset, one pass
+    over the data; a resumed trainer continues with the same NTP batches, also when trainer.steps grew
+    (the dataset does not depend on it), and stops naming the difference when the dataset differs."""
     from nemo_rlp.training.loop import Trainer
 
     prefix = tmp_path / "bundled"
-    preprocess([BUNDLED_CORPUS], bundled_tokenizer(), prefix, append_eod=True, min_tokens=2)
+    stats = preprocess([BUNDLED_CORPUS], bundled_tokenizer(), prefix, append_eod=True, min_tokens=2)
     overrides = [*TINY_RUN, "data.format=indexed", f"data.corpus={prefix}", "data.rlp_positions=uniform",
                  "trainer.schedule.ntp_warmup_steps=3", "trainer.steps=3"]
     run = Trainer(load_config(overrides), tmp_path / "run")
     assert isinstance(run.ntp_batches, MegatronNTPStream) and run.ntp_source == "megatron"
-    assert len(run.ntp_batches.dataset) >= 3 * 4
+    assert len(run.ntp_batches.dataset) == (stats.num_tokens - 1) // 32  # data.ntp_seq_len=32
     assert list((tmp_path / "run" / "ntp_dataset_cache").glob("*GPTDataset-train-shuffle_index.npy"))
     run.train_step()
     run.save()
     expected = [run.ntp_batches.next_batch(4) for _ in range(2)]
-    resumed = Trainer(load_config(overrides), tmp_path / "run")
+    longer = overrides[:-2] + ["trainer.schedule.ntp_warmup_steps=10", "trainer.steps=10"]
+    resumed = Trainer(load_config(longer), tmp_path / "run")
     assert resumed.step == 1 and resumed.ntp_batches.consumed_samples == 4
     assert all(torch.equal(resumed.ntp_batches.next_batch(4), b) for b in expected)
-    with pytest.raises(ConfigError, match=r"requested_samples: saved 12, now 40"):
-        Trainer(load_config(overrides[:-1] + ["trainer.steps=10", "trainer.schedule.ntp_warmup_steps=10"]),
-                tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"requested_samples: saved None, now 40"):
+        Trainer(load_config(overrides + ["data.ntp_samples=40"]), tmp_path / "run")
