@@ -18,15 +18,18 @@ The dataset is built once, for ``data.ntp_samples`` samples or by default one pa
 many samples as the sources hold tokens: a size, and so an order, that depends on the data alone, so
 that a longer run or the compute-matched NTP baseline resumed from a run's checkpoint continue the
 same stream; a run that needs more repeats it). Its indices are cached under ``path_to_cache`` by
-rank 0 first and then read by the other ranks (megatron's builder does this). All ranks hold the same dataset: step after step the
-global batch is the next ``trainer.ntp_batch_size`` samples and each data-parallel rank takes its
-contiguous share (as Megatron's pretraining sampler does), the tensor-parallel ranks of a replica the
-same one. The state is the number of samples consumed, with the dataset's identity (megatron's
-unique description hash and its parts) checked on restore.
+rank 0 first and then read by the other ranks (megatron's builder does this). All ranks hold the
+same dataset: step after step the global batch is the next ``trainer.ntp_batch_size`` samples and
+each data-parallel rank takes its contiguous share (as Megatron's pretraining sampler does), the
+tensor-parallel ranks of a replica the same one. The state is the number of samples consumed, with
+the dataset's identity (megatron's unique description hash and its parts) checked on restore.
 
-Only megatron-core's public dataset API is used (the config fields named in :func:`build_gpt_dataset`,
-``BlendedMegatronDatasetBuilder.build`` and ``dataset[i]``), unchanged from 0.16 to 0.19. megatron-core
-is imported only when a dataset is built.
+Only megatron-core's public dataset API is used: the ``GPTDatasetConfig`` fields named in
+:func:`build_gpt_dataset`, ``BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank,
+config).build()``, ``dataset[i]["tokens"]`` / ``["labels"]``, ``len(dataset)``,
+``unique_description_hash`` and ``IndexedDataset.sequence_lengths``; all unchanged from 0.16 to 0.19
+(not the private ``_query_document_sample_shuffle_indices``, whose return value 0.19 changed).
+megatron-core is imported only when a dataset is built.
 """
 
 from __future__ import annotations

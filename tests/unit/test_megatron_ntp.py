@@ -210,3 +210,15 @@ def test_trainer_reads_megatron_batches_and_resumes_them(tmp_path):
     assert all(torch.equal(resumed.ntp_batches.next_batch(4), b) for b in expected)
     with pytest.raises(ConfigError, match=r"requested_samples: saved None, now 40"):
         Trainer(load_config(overrides + ["data.ntp_samples=40"]), tmp_path / "run")
+
+
+def test_megatron_on_data_without_eod_stops_at_preflight(tmp_path):
+    """Before any model is built: the entry point's one-line config error (exit status 2)."""
+    from nemo_rlp.preflight import load_inputs
+
+    tok = bundled_tokenizer()
+    preprocess([BUNDLED_CORPUS], tok, tmp_path / "plain", min_tokens=2)  # no --append-eod
+    base = ["data.format=indexed", f"data.corpus={tmp_path / 'plain'}", "data.rlp_positions=uniform", "eval=none"]
+    with pytest.raises(ConfigError, match=r"data.ntp_dataset=megatron: 5000 of the indexed documents do not end"):
+        load_inputs(load_config(base + ["data.ntp_dataset=megatron"]))
+    assert load_inputs(load_config(base)).ntp_dataset == "ours"  # auto: NTPBatcher adds the separators
