@@ -210,6 +210,14 @@ def test_trainer_reads_megatron_batches_and_resumes_them(tmp_path):
     assert all(torch.equal(resumed.ntp_batches.next_batch(4), b) for b in expected)
     with pytest.raises(ConfigError, match=r"requested_samples: saved None, now 40"):
         Trainer(load_config(overrides + ["data.ntp_samples=40"]), tmp_path / "run")
+    # Another data-parallel size (no rank state to restore): the global stream goes on from the step.
+    from nemo_rlp.training.checkpoint import Checkpointer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpointer, "_rank_source", lambda *args: None)
+        regrouped = Trainer(load_config(longer), tmp_path / "run")
+    assert regrouped.ntp_batches.consumed_samples == 4
+    assert torch.equal(regrouped.ntp_batches.next_batch(4), expected[0])
 
 
 def test_megatron_on_data_without_eod_stops_at_preflight(tmp_path):
