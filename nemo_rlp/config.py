@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 # The allowed values of settings that other modules dispatch on are theirs, named once; these
 # modules import neither torch nor megatron-core, so validation still runs before either is loaded.
 from nemo_rlp.data.marked import POSITIONS
+from nemo_rlp.data.megatron_ntp import NTP_DATASETS
 from nemo_rlp.data.sources import FORMATS
 from nemo_rlp.models.spec import architecture_names, get_architecture
 from nemo_rlp.rollout.modes import GPU_MODES as GPU_ROLLOUT_MODES
@@ -87,9 +88,20 @@ class DataConfig:
     # "jsonl" ({text_key: ...} per line), "text" (one document per line), or "indexed": a Megatron
     # indexed dataset whose path prefix (PREFIX.bin + PREFIX.idx) is `corpus` (recipes/preprocess_data.py).
     format: str = "jsonl"
-    # Instead of `corpus`: several sources of `format` mixed by weight (shares of documents),
-    # [[weight, path], ...] (nemo_rlp.data.sources.BlendedDocuments).
+    # Instead of `corpus`: several sources of `format` mixed by weight, [[weight, path], ...]. The RLP
+    # contexts weigh them by shares of documents (nemo_rlp.data.sources.BlendedDocuments); the NTP
+    # batches of data.ntp_dataset=megatron by shares of tokens, as Megatron does.
     blend: Optional[list] = None
+    # Where NTP batches come from (nemo_rlp.data.megatron_ntp): "megatron", megatron-core's GPTDataset
+    # (a blend through BlendedMegatronDatasetBuilder) over indexed data whose documents end with the
+    # end-of-document id (preprocess_data.py --append-eod); "ours", nemo_rlp's NTPBatcher over the
+    # loaded documents; "auto", megatron for such indexed data, ours otherwise (JSONL and text, the demo).
+    ntp_dataset: str = "auto"
+    # megatron: samples the dataset is built for (null: one pass over the data, a size and an order
+    # that do not depend on trainer.steps; past them the samples repeat), and where its indices are
+    # cached (null: <output_dir>/ntp_dataset_cache).
+    ntp_samples: Optional[int] = None
+    ntp_cache_dir: Optional[str] = None
     # RLP positions drawn per document window; one EMA-teacher forward per window scores all of them.
     positions_per_document: int = 1
     # [low, high]: keep only RLP positions whose no-think log-prob lies in the band. None: off.
@@ -503,6 +515,13 @@ def _validate_data(d: DataConfig) -> None:
         _fail("data.tokenizer", d.tokenizer, "an existing file (or null for the bundled one)")
     if d.format not in FORMATS:
         _fail("data.format", d.format, _one_of(FORMATS))
+    if d.ntp_dataset not in NTP_DATASETS:
+        _fail("data.ntp_dataset", d.ntp_dataset, _one_of(NTP_DATASETS))
+    if d.ntp_dataset == "megatron" and d.format != "indexed":
+        _fail("data.ntp_dataset", d.ntp_dataset, "'ours' or 'auto' for this data: megatron's GPTDataset reads "
+              "indexed data (data.format=indexed)")
+    if d.ntp_samples is not None and d.ntp_samples < 1:
+        _fail("data.ntp_samples", d.ntp_samples, "null (one pass over the data) or an integer >= 1")
     _at_least_one("data", d, ("positions_per_document",))
     if d.logprob_band is not None and not (len(d.logprob_band) == 2 and d.logprob_band[0] < d.logprob_band[1]):
         _fail("data.logprob_band", d.logprob_band, "null (off) or [low, high] with low < high (log-probs, <= 0)")

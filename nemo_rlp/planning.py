@@ -92,7 +92,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nemo_rlp.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+from nemo_rlp.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, mamba_heads
 from nemo_rlp.models.spec import get_architecture
 
 GiB = float(2**30)
@@ -214,7 +214,7 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> ParameterCounts:
 
 def _dims(m: ModelConfig) -> dict:
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    heads = m.mamba_num_heads or (2 * m.hidden_size // m.mamba_head_dim)
+    heads = mamba_heads(m)
     d_inner = heads * m.mamba_head_dim
     return dict(
         h=m.hidden_size,

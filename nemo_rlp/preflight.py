@@ -28,6 +28,7 @@ class RunInputs:
     tokenizer: Any
     documents: Any
     eval_positions: Optional[list] = None
+    ntp_dataset: Optional[str] = None  # "ours" or "megatron" (nemo_rlp.data.megatron_ntp); None: not chosen yet
 
 
 def check_writable(directory: Path, key: str) -> list[Path]:
@@ -56,6 +57,7 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
     override that fits the file's role, `data.rlp_positions=uniform` for the corpus, `eval=none` or
     `eval.corpus` for the held-out set."""
     from nemo_rlp.data.marked import NoMarkedPositions
+    from nemo_rlp.data.megatron_ntp import choose_ntp_dataset
     from nemo_rlp.data.sources import load_documents
     from nemo_rlp.data.tokenizer import load_tokenizer
     from nemo_rlp.training.evaluate import load_heldout
@@ -79,6 +81,10 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
         ) from None
     except (OSError, ValueError, IndexError, KeyError) as error:
         raise failed("data.blend" if cfg.data.blend else "data.corpus", error) from None
+    try:
+        ntp_dataset = choose_ntp_dataset(cfg.data, documents)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     positions = None
     if cfg.eval.enabled:
         try:
@@ -91,7 +97,7 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
             ) from None
         except (OSError, ValueError, IndexError, KeyError) as error:
             raise failed("eval.corpus", error) from None
-    return RunInputs(tokenizer, documents, positions)
+    return RunInputs(tokenizer, documents, positions, ntp_dataset)
 
 
 def preflight(cfg: RunConfig, output_dir: Path, checkpoints: Path) -> RunInputs:

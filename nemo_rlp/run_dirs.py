@@ -13,7 +13,8 @@ from nemo_rlp.config import RunConfig, as_dict
 
 # Keys that may differ between invocations of the same run: they are left out of the default
 # directory's hash, and differences in them are not reported on resume.
-VOLATILE_KEYS = ("logging", "checkpoint", "parallel", "trainer.steps", "trainer.max_consecutive_skips")
+VOLATILE_KEYS = ("logging", "checkpoint", "parallel", "trainer.steps", "trainer.max_consecutive_skips",
+                 "data.ntp_cache_dir")
 
 
 def run_id(cfg: RunConfig) -> str:

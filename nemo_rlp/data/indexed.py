@@ -347,9 +347,13 @@ class IndexedDocuments(Sequence[np.ndarray]):
             )
         if vocab_size is not None:
             self._check_ids(self._tokens[:_SCAN_TOKENS], where="its first tokens")
+        # Stored documents not ending with the end-of-document id (None: no eod_id given); megatron's
+        # GPTDataset needs them all to end with it (nemo_rlp.data.megatron_ntp).
+        self.num_without_eod: int | None = None
         if eod_id is not None:
             ends_with_eod = lengths > 0
             ends_with_eod[ends_with_eod] = self._tokens[(starts + lengths - 1)[ends_with_eod]] == eod_id
+            self.num_without_eod = int((~ends_with_eod).sum())
             lengths = lengths - ends_with_eod
         keep = lengths >= min_tokens
         self.num_skipped = int(self.num_stored - keep.sum())

@@ -516,6 +516,11 @@ class NTPBatcher:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; ValueError if it was saved over other documents."""
+        if state.get("kind") == "megatron":
+            raise ValueError(
+                "the checkpoint's NTP stream is megatron's GPTDataset (data.ntp_dataset=megatron, or auto over "
+                "indexed data), this run uses nemo_rlp's NTPBatcher; resume with data.ntp_dataset=megatron"
+            )
         if tuple(state["documents"]) != self._fingerprint:
             raise ValueError(
                 f"NTPBatcher state was saved over documents (count, tokens)={tuple(state['documents'])}, "

@@ -187,7 +187,7 @@ def train_byte_level_bpe(
 
 
 def bundled_tokenizer() -> Tokenizer:
-    """The byte-level BPE tokenizer trained on the bundled corpus (vocab 512, markers as ids 0-3)."""
+    """The byte-level BPE tokenizer trained on the bundled corpus (vocab 1024, markers as ids 0-3)."""
     return Tokenizer.from_file(BUNDLED_TOKENIZER)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from nemo_rlp.config import ConfigError, RunConfig, as_dict
+from nemo_rlp.data.megatron_ntp import MegatronNTPStream, MegatronTokenizerInfo, build_gpt_dataset, choose_ntp_dataset
 from nemo_rlp.data.sampling import ContextSampler, NTPBatcher
 from nemo_rlp.data.texts import document_lengths
 from nemo_rlp.data.tokenizer import Tokenizer
@@ -169,6 +170,12 @@ class Trainer:
 
         # Data differs per data-parallel rank and is identical across the TP ranks of a replica.
         self._documents = documents
+        try:
+            self.ntp_source = inputs.ntp_dataset or choose_ntp_dataset(cfg.data, documents)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.ntp_source == "megatron":  # one dataset for all ranks, each its share of a global batch
+            self.ntp_batches = self._megatron_ntp_stream(dp_rank)
         self._seed_data_streams(cfg.trainer.seed + 1000 * dp_rank)
         self.markers = Markers(
             think_start=tokenizer.think_start_id, think_end=tokenizer.think_end_id, pad=tokenizer.pad_id
@@ -190,9 +197,39 @@ class Trainer:
                 self.checkpointer.load_weights(Path(cfg.checkpoint.init_weights), self.model)
                 log.info("policy weights from %s", cfg.checkpoint.init_weights)
 
+    def _megatron_ntp_stream(self, dp_rank: int) -> MegatronNTPStream:
+        """NTP batches from megatron's GPTDataset (data.ntp_dataset; nemo_rlp.data.megatron_ntp), built for
+        data.ntp_samples or one pass over the data and seeded with trainer.seed; indices cached in
+        data.ntp_cache_dir or <output_dir>/ntp_dataset_cache, by rank 0 first."""
+        cfg, d = self.cfg, self.cfg.data
+        blend = [[float(w), str(p)] for w, p in d.blend] if d.blend else [[1.0, str(d.corpus)]]
+        global_batch = cfg.trainer.ntp_batch_size
+        run_samples = global_batch * sum(step_kind(s, cfg.trainer.schedule) == NTP for s in range(cfg.trainer.steps))
+        requested = d.ntp_samples  # None: one pass over the data
+        cache = Path(d.ntp_cache_dir) if d.ntp_cache_dir else self.output_dir / "ntp_dataset_cache"
+        t0 = time.perf_counter()
+        dataset = build_gpt_dataset(
+            [p for _, p in blend], [w for w, _ in blend] if d.blend else None, seq_len=d.ntp_seq_len,
+            num_samples=requested, seed=cfg.trainer.seed,
+            tokenizer=MegatronTokenizerInfo(self.tokenizer.vocab_size, self.tokenizer.eod_id), cache_dir=cache,
+        )
+        log.info("NTP batches: megatron %s of %d samples (data.ntp_samples=%s; blend weights are token shares) in "
+                 "%.2f s, indices in %s; this run reads %d", type(dataset).__name__, len(dataset), requested,
+                 time.perf_counter() - t0, cache, run_samples)
+        if run_samples > len(dataset):
+            log.warning("this run reads %d NTP samples, the dataset has %d: they repeat from the start. Set "
+                        "data.ntp_samples=%d for megatron's reshuffled further passes", run_samples, len(dataset),
+                        run_samples)
+        dp = self.layout.data_parallel
+        offset = sum(_per_rank(global_batch, dp, r, "trainer.ntp_batch_size") for r in range(dp_rank))
+        identity = {"requested_samples": requested, "seed": cfg.trainer.seed, "seq_len": d.ntp_seq_len, "blend": blend}
+        return MegatronNTPStream(dataset, global_batch_size=global_batch, rank_offset=offset, identity=identity)
+
     def _seed_data_streams(self, data_seed: int) -> None:
         documents, cfg = self._documents, self.cfg
-        self.ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=self.tokenizer.eod_id, seed=data_seed)
+        if self.ntp_source == "ours":  # megatron's stream is seeded with trainer.seed, for all ranks alike
+            self.ntp_batches = NTPBatcher(documents, seq_len=cfg.data.ntp_seq_len, eod_id=self.tokenizer.eod_id,
+                                          seed=data_seed)
         self.context_sampler = ContextSampler.from_config(documents, cfg.data, seed=data_seed)
         # Seeded identically on every TP rank of a replica, so they sample the same thoughts.
         self.generator = torch.Generator().manual_seed(data_seed)
@@ -387,9 +424,12 @@ class Trainer:
                        .generate_state(1)[0])
             log.warning(
                 "checkpoint %s was saved with another data-parallel size: data streams restart from new seeds "
-                "(the data order differs from an uninterrupted run)", path,
+                "(the data order differs from an uninterrupted run)%s", path,
+                "; the NTP batches of megatron's dataset go on where they were" if self.ntp_source == "megatron" else "",
             )
             self._seed_data_streams(seed % 2**62)
+            if self.ntp_source == "megatron":  # global, so the saved step says where it was
+                self.ntp_batches.consumed_samples = self.summary.ntp_steps * self.cfg.trainer.ntp_batch_size
 
 
 def _samples(tokenizer: Tokenizer, batch, rewards: torch.Tensor, step: int, rows: int) -> list[dict]:
