@@ -39,14 +39,17 @@ def local_layer_spec(cfg: ModelConfigLike, config):
 
 def local_block_spec(layer, config):
     """megatron's local layer spec, with torch SDPA as its core attention (instead of megatron's
-    score-materialising DotProductAttention) and torch norms that allow sequence parallelism, as a
-    block spec (megatron would build the block's final norm from its own `WrappedTorchNorm`)."""
+    score-materialising DotProductAttention), torch norms that allow sequence parallelism and an MLP
+    whose SwiGLU keeps only its input for backward (`nemo_rlp.models.mlp`), as a block spec (megatron
+    would build the block's final norm from its own `WrappedTorchNorm`)."""
+    from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     # Imported here, as megatron is: the package is imported (and the config validated) before
     # megatron-core is; `nemo_rlp.models.attention` imports it at module level.
     from nemo_rlp.models.attention import SDPAttention
+    from nemo_rlp.models.mlp import SwiGLUMLP
     from nemo_rlp.models.norms import TorchNorm
 
     attention = layer.submodules.self_attention.submodules
@@ -55,6 +58,8 @@ def local_block_spec(layer, config):
                          (attention, "q_layernorm"), (attention, "k_layernorm")):
         if getattr(holder, name) is WrappedTorchNorm:
             setattr(holder, name, TorchNorm)
+    if getattr(layer.submodules.mlp, "module", None) is MLP:
+        layer.submodules.mlp.module = SwiGLUMLP
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
 
 
