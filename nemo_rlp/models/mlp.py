@@ -15,8 +15,10 @@ fc1 width) and writes both halves of the gradient into one buffer. Its values ar
 megatron's: the forward is the same two ops (b + 0.0 is b), and the backward is the same ops
 (`silu_backward(grad * b, a)`, `grad * silu(a)`) on the same inputs. `SwiGLUMLP` takes this path for
 what the local specs build (SiLU, gated, no activation clamp, offset 0, no bias fusion, no TE
-activation, no per-token scale) and megatron's forward otherwise. On GPU with Transformer Engine the
-TE spec is used and none of this runs.
+activation, no per-token scale) and megatron's forward otherwise. `use_swiglu_mlp` makes the MLPs
+of a built model `SwiGLUMLP`s (the GPT provider does so with the local spec): megatron builds them as
+its own `MLP`, whose spec it recognises and gives the layer's tensor-parallel group. On GPU with
+Transformer Engine the TE spec is used and none of this runs.
 """
 
 from __future__ import annotations
@@ -77,3 +79,14 @@ class SwiGLUMLP(MLP):
         if bias is not None:
             intermediate = intermediate + bias
         return self.linear_fc2(swiglu(intermediate))
+
+
+def use_swiglu_mlp(model: torch.nn.Module) -> int:
+    """Make every megatron `MLP` of `model` a `SwiGLUMLP` (no new state: the same module, parameters
+    and state dict); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is MLP:
+            module.__class__ = SwiGLUMLP
+            count += 1
+    return count

@@ -39,17 +39,14 @@ def local_layer_spec(cfg: ModelConfigLike, config):
 
 def local_block_spec(layer, config):
     """megatron's local layer spec, with torch SDPA as its core attention (instead of megatron's
-    score-materialising DotProductAttention), torch norms that allow sequence parallelism and an MLP
-    whose SwiGLU keeps only its input for backward (`nemo_rlp.models.mlp`), as a block spec (megatron
-    would build the block's final norm from its own `WrappedTorchNorm`)."""
-    from megatron.core.transformer.mlp import MLP
+    score-materialising DotProductAttention) and torch norms that allow sequence parallelism, as a
+    block spec (megatron would build the block's final norm from its own `WrappedTorchNorm`)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     # Imported here, as megatron is: the package is imported (and the config validated) before
     # megatron-core is; `nemo_rlp.models.attention` imports it at module level.
     from nemo_rlp.models.attention import SDPAttention
-    from nemo_rlp.models.mlp import SwiGLUMLP
     from nemo_rlp.models.norms import TorchNorm
 
     attention = layer.submodules.self_attention.submodules
@@ -58,8 +55,6 @@ def local_block_spec(layer, config):
                          (attention, "q_layernorm"), (attention, "k_layernorm")):
         if getattr(holder, name) is WrappedTorchNorm:
             setattr(holder, name, TorchNorm)
-    if getattr(layer.submodules.mlp, "module", None) is MLP:
-        layer.submodules.mlp.module = SwiGLUMLP
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
 
 
@@ -67,7 +62,8 @@ def build_gpt(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, devic
               sequence_parallel: bool, layer_spec):
     """Build the GPTModel for this rank's shard (its pipeline stage's layers, its TP slice).
     `vocab_size` is the padded model vocabulary; `layer_spec(cfg, config)` the layer spec
-    `build_model` chose (`te_layer_spec` or `local_layer_spec`, or a GPT variant's own)."""
+    `build_model` chose (`te_layer_spec` or `local_layer_spec`, or a GPT variant's own). With the
+    local spec the MLPs' SwiGLU keeps only its input for backward (`nemo_rlp.models.mlp`)."""
     from megatron.core.models.gpt import GPTModel
 
     first, last, _ = pipeline_stage()
@@ -86,6 +82,10 @@ def build_gpt(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, devic
         # cross-entropy and sampling gathers explicitly (nemo_rlp.models.handle).
         parallel_output=True,
     )
+    if layer_spec is local_layer_spec:
+        from nemo_rlp.models.mlp import use_swiglu_mlp
+
+        use_swiglu_mlp(model)
     return model.to(device)
 
 
