@@ -56,7 +56,8 @@ buffers, Transformer Engine workspaces and allocator fragmentation):
    - attention: QKV output, q/k norm inputs when `qk_layernorm`, and flash attention's q, k, v and
      output: 2 * ((q + 2kv) + (q + kv if qk_layernorm) + (2q + 2kv)) / TP with q = heads * head_dim,
      kv = kv_heads * head_dim;
-   - MLP: fc1 output and activation output: 2 * (F * (2 if gated else 1) + F) / TP;
+   - MLP: fc1 output and activation output: 2 * (F * (2 if gated else 1) + F) / TP (the local specs'
+     SwiGLU keeps the same, `nemo_rlp.models.mlp`);
    - Mamba: in_proj output (2 * d_inner + 2 * groups * d_state + heads), conv output (d_inner + 2 *
      groups * d_state), scan output and gated-norm output (2 * d_inner), all * 2 / TP, plus dt and its
      cumulative sum in fp32, 8 * heads / TP;

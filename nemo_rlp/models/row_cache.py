@@ -61,6 +61,11 @@ class RowCache:
         self.freqs = None
         if getattr(language_model, "position_embedding_type", None) == "rope" and rotary is not None:
             self.freqs = rotary(max_positions)  # [positions, 1, 1, rot_dim]
+        # cos and sin of every position, computed once (megatron's RoPE takes them of the gathered
+        # freqs at every call: per layer, for queries and keys, at every decode step), and those of
+        # the current call's positions, shared by all its layers (`_rotate`).
+        self.cos_sin = None if self.freqs is None else (torch.cos(self.freqs), torch.sin(self.freqs))
+        self._rope_at: Optional[tuple] = None
         self.prefill_rows: Optional[torch.Tensor] = None  # set by `prefill_into`
         self.compaction_bytes = 0
 
@@ -103,13 +108,23 @@ class RowCache:
         return self.keys[layer], self.values[layer]
 
     def _rotate(self, t: torch.Tensor, positions: torch.Tensor, config) -> torch.Tensor:
-        """RoPE at explicit positions: t [s, b, heads, dim], positions [s, b]."""
+        """RoPE at explicit positions: t [s, b, heads, dim], positions [s, b] (the same positions for
+        every layer of one `row_cached_logits` call)."""
         if self.freqs is None:
             return t
-        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _rotate_half
 
-        freqs = self.freqs[positions.reshape(-1)].reshape(*positions.shape, 1, self.freqs.shape[-1])
-        return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=config.rotary_interleaved)
+        rot_dim = self.freqs.shape[-1]
+        if config.rotary_interleaved or rot_dim != t.shape[-1] or getattr(config, "multi_latent_attention", False):
+            freqs = self.freqs[positions.reshape(-1)].reshape(*positions.shape, 1, rot_dim)
+            return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=config.rotary_interleaved)
+        if self._rope_at is None or self._rope_at[0].shape != positions.shape:
+            index = positions.reshape(-1)
+            cos, sin = (table[index].reshape(*positions.shape, 1, rot_dim).to(t.dtype) for table in self.cos_sin)
+            self._rope_at = (positions, cos, sin)
+        _, cos, sin = self._rope_at
+        # megatron's `_apply_rotary_pos_emb_bshd` (mscale 1, the whole head rotated): the same floats.
+        return (t * cos) + (_rotate_half(t, False) * sin)
 
     def attend(self, attention: torch.nn.Module, hidden: torch.Tensor, capacity: int) -> tuple:
         """megatron SelfAttention's computation on this cache: (output, bias) like its forward."""
@@ -188,6 +203,7 @@ def row_cached_logits(language_model: torch.nn.Module, tokens: torch.Tensor, cac
     first b rows) and return this replica's vocabulary-sharded logits [b, V/TP] for the token after
     the last one, on the last pipeline stage (None on the others)."""
     b, s = tokens.shape
+    cache._rope_at = None  # this call's positions: RoPE's cos and sin are taken once for its layers
     if cache.prefill_rows is None:
         positions = cache.lengths[:b].unsqueeze(1)
     else:

@@ -62,7 +62,8 @@ def build_gpt(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, devic
               sequence_parallel: bool, layer_spec):
     """Build the GPTModel for this rank's shard (its pipeline stage's layers, its TP slice).
     `vocab_size` is the padded model vocabulary; `layer_spec(cfg, config)` the layer spec
-    `build_model` chose (`te_layer_spec` or `local_layer_spec`, or a GPT variant's own)."""
+    `build_model` chose (`te_layer_spec` or `local_layer_spec`, or a GPT variant's own). With the
+    local spec the MLPs' SwiGLU keeps only its input for backward (`nemo_rlp.models.mlp`)."""
     from megatron.core.models.gpt import GPTModel
 
     first, last, _ = pipeline_stage()
@@ -81,6 +82,10 @@ def build_gpt(cfg: ModelConfigLike, vocab_size: int, tensor_parallel: int, devic
         # cross-entropy and sampling gathers explicitly (nemo_rlp.models.handle).
         parallel_output=True,
     )
+    if layer_spec is local_layer_spec:
+        from nemo_rlp.models.mlp import use_swiglu_mlp
+
+        use_swiglu_mlp(model)
     return model.to(device)
 
 
