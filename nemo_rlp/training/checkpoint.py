@@ -498,7 +498,12 @@ class Checkpointer:
         finalize = lambda: self._finalize(tmp, final, marker, start)  # noqa: E731
 
         if self.async_save:
-            request = dist_checkpointing.save(state, str(tmp / DIST_DIR), async_sharded_save=True)
+            from nemo_rlp.megatron_version import at_least
+
+            # From megatron-core 0.17 `save` picks its async writer with `async_strategy`, by default
+            # "nvrx" (nvidia-resiliency-ext, not a dependency); "mcore" is the writer 0.16 always used.
+            strategy = {"async_strategy": "mcore"} if at_least("0.17") else {}
+            request = dist_checkpointing.save(state, str(tmp / DIST_DIR), async_sharded_save=True, **strategy)
             request.finalize_fns.append(finalize)
             before = child_pids()
             with children_die_with_me():
