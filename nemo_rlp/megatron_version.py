@@ -26,8 +26,8 @@ from packaging.version import Version
 SUPPORTED = ("0.16", "0.20")
 # The releases the version-sensitive tests were run on (tests/unit/test_cpu_platform.py checks the
 # installed one is listed, so a new release is run before it is claimed): CI runs the whole suite on
-# 0.16.1 and the unit and distributed tests on 0.19.x (.ci/run); 0.17.0 and 0.18.0 were run by hand, the CPU platform, Mamba
-# kernel, hybrid model, packing (and on 0.17.0 rollout) tests only.
+# 0.19.x and the unit and distributed tests on 0.16.1 (.ci/run); 0.17.0 and 0.18.0 were run by hand,
+# the CPU platform, Mamba kernel, hybrid model, packing (and on 0.17.0 rollout) tests only.
 TESTED = ("0.16.1", "0.17.0", "0.18.0", "0.19.2")
 
 T = TypeVar("T")

@@ -1,8 +1,8 @@
 """A checkpoint write that cannot hang training: it finishes, or it fails loudly within a bound.
 
 megatron-core's torch_dist writer (`dist_checkpointing/strategies/filesystem_async.py`,
-`write_preloaded_data_multiproc`) forks one worker process per write bucket and waits for them on a
-`JoinableQueue` with no time limit. A worker that dies before it reports (an exception outside its
+`write_preloaded_data_multiproc`) forks one worker process per write bucket (0.16; from 0.17 they are
+threads, `WRITER_BY_VERSION`) and waits for them on a `JoinableQueue` with no time limit. A worker that dies before it reports (an exception outside its
 own try block, as a missing `psutil` once caused; the OOM killer; kill -9) leaves that wait blocked
 forever, and the trainer with it.
 
@@ -27,14 +27,17 @@ signal when the *thread* that forked the child ends: the writers are joined befo
 returns, and the Manager is started from the main thread.
 
 A full disk. torch's zip writer reports a short write as "unexpected pos 704 vs 598", and a writer
-process's OSError arrives wrapped; `describe_failure` says "no space left on <dir>" when the error
-chain or the file system's free space says so.
+process's OSError arrives wrapped (from 0.17, as its class only: `run_bounded` adds the writer's
+logged worker errors to the exception as notes); `describe_failure` says "no space left on <dir>"
+when the error chain, those notes or the file system's free space say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import logging
 import multiprocessing
 import os
 import signal
@@ -102,6 +105,26 @@ class children_die_with_me:
         _children_die_with_me = self._previous
 
 
+# What megatron-core's torch_dist writer (`filesystem_async`) looks like, by release: the function
+# that starts its results-queue Manager on first use, and whether its write buckets run in forked
+# processes or in threads of the calling process. From 0.17 the function is public and the writers
+# are threads, and a worker's exception reaches the caller only as its class
+# ("... starting worker 0, error: <class 'OSError'>"): its text is in the writer's error log.
+WRITER_BY_VERSION = (
+    ("0.16", "0.17", ("_get_write_results_queue", "processes")),
+    ("0.17", "0.20", ("get_write_results_queue", "threads")),
+)
+WRITER_LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+
+
+def writer_layout() -> tuple[str, str]:
+    """(results-queue function, "processes" or "threads") of the installed megatron-core's writer."""
+    from nemo_rlp.megatron_version import rows_for
+
+    rows = rows_for(WRITER_BY_VERSION)
+    return rows[0] if rows else WRITER_BY_VERSION[-1][2]
+
+
 def start_results_queue() -> bool:
     """Start megatron-core's results-queue Manager (filesystem_async) so that it dies with this
     process; False if megatron-core no longer has that helper (then nothing is started)."""
@@ -109,7 +132,7 @@ def start_results_queue() -> bool:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if not hasattr(filesystem_async, "_get_write_results_queue"):
+    if not hasattr(filesystem_async, writer_layout()[0]):
         return False
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
@@ -148,7 +171,8 @@ def describe_failure(error: BaseException, directory: Path) -> str:
     save's files are removed (they hold the space that ran out)."""
     chain = _error_chain(error)
     no_space = any(isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS for e in chain)
-    text = " ".join(str(e) for e in chain)
+    # With the writer's logged worker errors (`run_bounded` adds them as notes).
+    text = " ".join(" ".join([str(e), *getattr(e, "__notes__", ())]) for e in chain)
     free = free_bytes(directory)
     if not no_space and any(marker in text for marker in SHORT_WRITE_TEXT):
         no_space = free is None or free < LOW_FREE_BYTES or "unexpected pos" not in text
@@ -213,6 +237,7 @@ def run_bounded(write: Callable[[], Any], timeout_s: float, what: str) -> Any:
     before = child_pids()
     outcome: dict[str, Any] = {}
     device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    worker_errors = _LoggedErrors()
 
     def target() -> None:
         # A new thread starts without the CPU platform's torch function mode (modes are per
@@ -226,18 +251,42 @@ def run_bounded(write: Callable[[], Any], timeout_s: float, what: str) -> Any:
                 outcome["error"] = error
 
     thread = threading.Thread(target=target, name="checkpoint-write", daemon=True)
-    thread.start()
     started: set[int] = set()
-    try:
-        _watch(thread, before, started, time.monotonic() + timeout_s, timeout_s, what)
-    except BaseException:
-        # A failed write, or KeyboardInterrupt while waiting: the writer's processes must not
-        # outlive it (multiprocessing joins live children at interpreter exit: a stuck one hangs it).
-        kill_children(started | (child_pids() - before))
-        raise
+    with worker_errors.attached():
+        thread.start()
+        try:
+            _watch(thread, before, started, time.monotonic() + timeout_s, timeout_s, what)
+        except BaseException:
+            # A failed write, or KeyboardInterrupt while waiting: the writer's processes must not
+            # outlive it (multiprocessing joins live children at interpreter exit: a stuck one hangs it).
+            kill_children(started | (child_pids() - before))
+            raise
     if "error" in outcome:
-        raise outcome["error"]
+        error = outcome["error"]
+        for message in worker_errors.messages:  # a threaded writer's worker errors (WRITER_BY_VERSION)
+            error.add_note(f"megatron-core's checkpoint writer logged: {message}")
+        raise error
     return outcome.get("value")
+
+
+class _LoggedErrors(logging.Handler):
+    """The error messages megatron-core's checkpoint writer logs in this process while attached."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    @contextlib.contextmanager
+    def attached(self):
+        logger = logging.getLogger(WRITER_LOGGER)
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
 
 
 def _watch(thread: threading.Thread, before: set[int], started: set[int], deadline: float, timeout_s: float,

@@ -434,3 +434,21 @@ def test_init_weights_starts_the_policy_from_a_checkpoint_and_nothing_else(tmp_p
     assert run.train().steps == 2
     with pytest.raises(ConfigError, match=r"checkpoint\.init_weights"):
         load_config([f"checkpoint.init_weights={tmp_path}"])
+
+
+def test_a_full_disk_is_named_from_the_errno_or_the_writers_logged_worker_error(tmp_path):
+    """megatron-core 0.17+ runs its writers in threads and passes a worker's exception on as its class
+    only ("... error: <class 'OSError'>"): the logged worker error, added as a note, names the cause."""
+    import errno
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from nemo_rlp.training.checkpoint_writer import describe_failure, writer_layout
+
+    assert hasattr(filesystem_async, writer_layout()[0])  # the table matches the installed release
+    assert describe_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path).startswith("no space left")
+    wrapped = RuntimeError("Worker failure: An error is caught while starting worker 0, error: <class 'OSError'>")
+    assert not describe_failure(wrapped, tmp_path).startswith("no space left")
+    wrapped.add_note("megatron-core's checkpoint writer logged: Local worker 0 encountered an error: "
+                     "[Errno 28] No space left on device")
+    assert describe_failure(wrapped, tmp_path).startswith(f"no space left on the file system of {tmp_path}")
