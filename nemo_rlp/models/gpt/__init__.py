@@ -9,6 +9,12 @@ Everything the rest of the package asks of this architecture is in `SPEC`, regis
 (`nemo_rlp.models.spec`): the provider, its layer kinds for the planner (one 'T' per layer), the
 inference-cache operations (keys and values only), the config keys it refuses, and its Hugging Face
 conversion without Megatron-Bridge (`nemo_rlp.models.gpt.hf_conversion`: Qwen3 and Llama).
+
+Still GPTModel on megatron-core 0.19, which logs that GPTModel is deprecated in favour of
+`HybridModel`: Megatron-Bridge's Qwen3 and Llama providers (`Qwen3ModelProvider(GPTModelProvider)`),
+our Hugging Face path, build GPTModel and map its weights by GPTModel's names (attention and MLP in
+one `decoder.layers.N`); a HybridModel splits them into two layers, so its checkpoints would load in
+neither Bridge nor our earlier GPT checkpoints. The hybrid family uses HybridModel from 0.18.
 """
 
 from __future__ import annotations
