@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,11 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_env_dir"))
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's capture of stdout alone
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # W&B makes `tmp*wandb-media` / `tmp*wandb-artifacts` directories in the temp dir and leaves them.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out, wandb_dir = tmp_path / "run", tmp_path / "wb"
     cfg = load_config([*SHORT, "logging.wandb.enabled=true", "logging.wandb.mode=offline",
                        f"logging.wandb.dir={wandb_dir}", "logging.wandb.project=nemo-rlp-test"])
