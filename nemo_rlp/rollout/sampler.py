@@ -18,7 +18,8 @@ context tokens until its thought begins, so contexts of different lengths share 
 padding inside any row and no attention mask: every row attends exactly to its own tokens.
 
 Three lockstep modes, the same tokens (they draw the same noise) and log-probs equal to float rounding
-(`rows` draws its noise per decode step, so its samples differ from theirs but not in distribution):
+(`rows` draws its noise per decode step, so its samples differ from theirs but not in distribution:
+handed the same noise per row and thought token, `TableNoise`, all paths write the same thoughts):
 - `recompute`: no cache; every step runs the model over each row's whole prefix. The reference.
 - `cache`: a KV/SSM cache; each of the B·G rows prefills its own copy of the context.
 - `shared_prefill` (default): one prefill per context, whose cache is copied to its G rows.
@@ -52,15 +53,17 @@ from nemo_rlp.rollout.thoughts import (
     row_buffers,
     sample_tokens,
 )
-from nemo_rlp.rollout.vocab_shard import decide
+from nemo_rlp.rollout.vocab_shard import VocabShard, decide
 
 __all__ = [
     "GPU_MODES",
     "LOCKSTEP_MODES",
     "MODES",
     "Markers",
+    "RolloutNoise",
     "RolloutStats",
     "SamplingParams",
+    "TableNoise",
     "ThoughtBatch",
     "answer_argmax",
     "filter_logits",
@@ -78,6 +81,36 @@ CHECK_EVERY = 8
 COMPACT_BELOW = 0.5
 
 
+class RolloutNoise:
+    """The Exp(1) noise the samplers decide with: one value per (row, vocabulary entry) for each
+    sampled token, the full vocabulary on every tensor-parallel rank. Drawn from the replica's
+    generator on the generator's device (the trainer's is a CPU generator, which a CUDA tensor cannot
+    draw from), then moved: the same noise, so the same thoughts, on any device.
+    TODO(scale): an H2D copy of [rows, V] per step; a generator on the logits' device avoids it."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def draw(self, rows: torch.Tensor, thought_index: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+        """[len(rows), vocab] for thought token `thought_index` (one per row, or a 0-d tensor) of
+        the batch's rows `rows`; the generator's draws depend only on the shape."""
+        noise = torch.empty(len(rows), vocab, device=self.generator.device).exponential_(generator=self.generator)
+        return noise.to(device)
+
+
+class TableNoise(RolloutNoise):
+    """Noise looked up by (row, thought token): `table` [rows, tokens, vocab]. Two paths handed the
+    same table decide every thought token with the same values, whatever they draw in between, so
+    they must write the same thoughts (tests/unit/test_rollout.py)."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def draw(self, rows, thought_index, vocab, device):
+        index = thought_index.clamp(max=self.table.shape[1] - 1)
+        return self.table[rows, index, :vocab].to(device)
+
+
 def sample_thoughts(
     handle: ModelHandle,
     prefixes: Sequence[Sequence[int]],
@@ -89,6 +122,7 @@ def sample_thoughts(
     *,
     thought_caps: Optional[Sequence[int]] = None,
     stats: Optional[RolloutStats] = None,
+    noise: Optional[RolloutNoise] = None,
 ) -> ThoughtBatch:
     """Sample G thoughts for each (prefix, x_t) and lay out the rows for scoring and training.
 
@@ -96,7 +130,8 @@ def sample_thoughts(
     The model runs in eval mode (megatron's cached attention requires it; there is no dropout in
     a rollout) and is returned to the mode it was in. `thought_caps` (one per row, each <= L) closes
     a row's thought after that many sampled tokens, as L does (benchmarks force thought lengths so);
-    `stats`, when given, accumulates the rollout's counters.
+    `stats`, when given, accumulates the rollout's counters; `noise` replaces the draws from
+    `generator` (the `rows` and lockstep paths; `TableNoise` in tests).
     """
     if params.mode not in MODES + GPU_MODES:
         raise ValueError(f"rollout mode {params.mode!r} is not one of {MODES + GPU_MODES}")
@@ -107,6 +142,7 @@ def sample_thoughts(
     was_training = handle.module.training
     handle.eval()
     stats = RolloutStats() if stats is None else stats
+    noise = RolloutNoise(generator) if noise is None else noise
     try:
         with torch.no_grad():
             if params.mode == "dynamic":
@@ -116,14 +152,14 @@ def sample_thoughts(
                 from nemo_rlp.parallel.cpu_platform import device_mode_suspended
 
                 with device_mode_suspended():
-                    return _sample_rows(handle, prefixes, targets, params, markers, generator, device,
+                    return _sample_rows(handle, prefixes, targets, params, markers, noise, device,
                                         thought_caps, stats)
-            return _sample(handle, prefixes, targets, params, markers, generator, device, thought_caps, stats)
+            return _sample(handle, prefixes, targets, params, markers, noise, device, thought_caps, stats)
     finally:
         handle.train(was_training)
 
 
-def _sample(handle, prefixes, targets, params, markers, generator, device, thought_caps, stats) -> ThoughtBatch:
+def _sample(handle, prefixes, targets, params, markers, noise_source, device, thought_caps, stats) -> ThoughtBatch:
     """The lockstep paths: rows aligned at position 0, longer contexts fed through decode steps."""
     G, L = params.group_size, params.max_thought_len
     B = len(prefixes)
@@ -175,11 +211,7 @@ def _sample(handle, prefixes, targets, params, markers, generator, device, thoug
             r = rows[thinking]
             # Which rows think at `pos` depends only on tokens already sampled, never on the mode
             # or the layout, so this draw is the same everywhere.
-            # Drawn on the generator's device (the trainer's is a CPU generator, and a CUDA tensor
-            # cannot draw from it), then moved: the same noise, so the same thoughts, on any device.
-            # TODO(scale): an H2D copy of [rows, V] per step; a CUDA generator would avoid it.
-            noise = torch.empty(len(r), logits.shape[-1], device=generator.device)
-            noise = noise.exponential_(generator=generator).to(device)
+            noise = noise_source.draw(r, thought_len[r], logits.shape[-1], device)
             new = sample_tokens(logits[thinking], params, noise)
             logp = torch.log_softmax(logits[thinking], dim=-1).gather(1, new[:, None]).squeeze(1)
             behaviour[r, thought_len[r]] = logp
@@ -222,7 +254,7 @@ def _sample(handle, prefixes, targets, params, markers, generator, device, thoug
     return batch
 
 
-def _sample_rows(handle, prefixes, targets, params, markers, generator, device, thought_caps, stats) -> ThoughtBatch:
+def _sample_rows(handle, prefixes, targets, params, markers, noise, device, thought_caps, stats) -> ThoughtBatch:
     """The `rows` path: each context is prefilled once at its own length into the cache rows of its
     G thoughts; then every row decodes its thought from its own position, so thought token u of
     every row is decided at decode step u. Finished rows stay in the batch, masked, until fewer
@@ -243,7 +275,7 @@ def _sample_rows(handle, prefixes, targets, params, markers, generator, device, 
     live = torch.arange(R, device=device)  # cache row i holds row live[i]
     last_step = (int(caps.max()) if thought_caps is not None else params.max_thought_len) + 1
     for step in range(last_step + 1):
-        decided = None if logits is None else state.decisions(live, logits, target, params, markers, generator)
+        decided = None if logits is None else state.decisions(live, step, logits, target, params, markers, noise)
         decided = pipeline.broadcast_from_last_stage(decided, (4, len(live)), torch.float64)
         state.apply(step, live, decided, tokens, prompt_len, caps, markers)
         if step == last_step:
@@ -286,14 +318,16 @@ class _RowState:
         self.predicted = torch.zeros(rows, dtype=torch.long, device=device)
         self.live_rows = torch.zeros((), dtype=torch.long, device=device)
 
-    def decisions(self, rows, logits, target, params, markers, generator) -> torch.Tensor:
+    def decisions(self, rows, step, logits, target, params, markers, noise: RolloutNoise) -> torch.Tensor:
         """What this TP rank's vocabulary shard of the logits decides for each row, as one fp64
         [4, rows] tensor (exact for token ids and fp32 log-probs): the sampled token, its behaviour
         log-prob, log p(x_t) and the answer argmax (nemo_rlp.rollout.vocab_shard). Computed where the
         logits are (the last pipeline stage); only this crosses stages. Noise is drawn for every row
         of the batch, finished or not: the draw depends only on the batch's size, which every rank
-        of a replica decides identically."""
-        return decide(logits, target[rows], params, markers, generator)
+        of a replica decides identically. Thought token `step` of every row is decided here."""
+        vocab = VocabShard.of(logits).vocab
+        drawn = noise.draw(rows, torch.tensor(step, device=rows.device), vocab, logits.device)
+        return decide(logits, target[rows], params, markers, drawn)
 
     def apply(self, step, rows, decided, tokens, prompt_len, caps, markers) -> None:
         """Step `step` of rows `rows` with the `decisions` of their logits (thought token `step`)."""

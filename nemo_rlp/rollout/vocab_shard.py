@@ -70,9 +70,10 @@ class VocabShard:
         return logits
 
 
-def decide(logits: torch.Tensor, target: torch.Tensor, params, markers, generator: torch.Generator) -> torch.Tensor:
-    """From this rank's logits [rows, V/TP]: fp64 [4, rows] of the sampled token, its behaviour
-    log-prob (temperature 1), log p(x_t) and the answer argmax (markers excluded), the same on every
+def decide(logits: torch.Tensor, target: torch.Tensor, params, markers, noise: torch.Tensor) -> torch.Tensor:
+    """From this rank's logits [rows, V/TP] and the full vocabulary's Exp(1) `noise` [rows, V] (the
+    same on every rank of the replica): fp64 [4, rows] of the sampled token, its behaviour log-prob
+    (temperature 1), log p(x_t) and the answer argmax (markers excluded), the same on every
     tensor-parallel rank."""
     shard = VocabShard.of(logits)
     logits = logits.float()
@@ -83,11 +84,6 @@ def decide(logits: torch.Tensor, target: torch.Tensor, params, markers, generato
         shard = VocabShard(0, logits.shape[-1], None)
 
     # The full vocabulary's noise on every rank (one draw sequence whatever the TP size), sliced.
-    # Drawn on the generator's device (the trainer's is a CPU generator, which a CUDA tensor cannot
-    # draw from), then moved, as the lockstep modes do (sampler.py).
-    # TODO(scale): an H2D copy of [rows, V] per step; a generator on the logits' device avoids it.
-    noise = torch.empty(logits.shape[0], shard.vocab, device=generator.device).exponential_(generator=generator)
-    noise = noise.to(logits.device)
     noise = noise[:, shard.start : shard.start + logits.shape[-1]]
     scores = filter_logits(logits / params.temperature, params.top_k, params.top_p) - torch.log(noise)
     new = shard.argmax(scores)

@@ -18,6 +18,7 @@ from nemo_rlp.rollout.sampler import (
     Markers,
     RolloutStats,
     SamplingParams,
+    TableNoise,
     filter_logits,
     sample_thoughts,
 )
@@ -60,6 +61,36 @@ def test_modes_agree(batches):
     for mode in ("cache", "shared_prefill"):
         assert torch.equal(out[mode].tokens, ref.tokens), mode
         assert torch.equal(out[mode].thought_len, ref.thought_len)
+        torch.testing.assert_close(out[mode].behaviour_logprobs, ref.behaviour_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out[mode].s_pred, ref.s_pred, atol=1e-4, rtol=0)
+
+
+def test_lockstep_and_rows_paths_write_the_same_thoughts_from_the_same_noise(handle):
+    """The `rows` path draws noise for every row at every step, the lockstep paths only for the rows
+    still thinking, so from one seed they write different thoughts. Handed the same noise per (row,
+    thought token) they must write the same ones: the two are then one sampler, whatever their cache
+    layouts, and differ between runs only as two seeds do."""
+    prefixes = _prefixes([5, 40, 9, 23])
+    G, L = 4, 12
+    R = len(prefixes) * G
+    g = torch.Generator().manual_seed(3)
+    table = torch.empty(R, L + 1, VOCAB).exponential_(generator=g)
+    ends = torch.randint(1, L + 4, (R,), generator=g)
+    for row, end in enumerate(ends.tolist()):
+        if end <= L:  # the end marker wins this row's thought token end - 1; the others close at L
+            table[row, end - 1, MARKERS.think_end] = 1e-30
+    params = {mode: SamplingParams(group_size=G, max_thought_len=L, temperature=1.0, mode=mode)
+              for mode in ("recompute", "shared_prefill", "rows")}
+    targets = [5 + i for i in range(len(prefixes))]
+    out = {mode: sample_thoughts(handle, prefixes, targets, p, MARKERS, torch.Generator().manual_seed(0), CPU,
+                                 noise=TableNoise(table))
+           for mode, p in params.items()}
+    ref = out["recompute"]
+    assert torch.equal(ref.thought_len, ends.clamp(max=L))  # the table decided every row's length
+    for mode in ("shared_prefill", "rows"):
+        assert torch.equal(out[mode].tokens, ref.tokens), mode
+        assert torch.equal(out[mode].thought_len, ref.thought_len), mode
+        assert torch.equal(out[mode].end_sampled, ref.end_sampled), mode
         torch.testing.assert_close(out[mode].behaviour_logprobs, ref.behaviour_logprobs, atol=1e-4, rtol=0)
         torch.testing.assert_close(out[mode].s_pred, ref.s_pred, atol=1e-4, rtol=0)
 
