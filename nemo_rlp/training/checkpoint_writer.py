@@ -1,10 +1,10 @@
 """A checkpoint write that cannot hang training: it finishes, or it fails loudly within a bound.
 
 megatron-core's torch_dist writer (`dist_checkpointing/strategies/filesystem_async.py`,
-`write_preloaded_data_multiproc`) forks one worker process per write bucket (0.16; from 0.17 they are
-threads, `WRITER_BY_VERSION`) and waits for them on a `JoinableQueue` with no time limit. A worker that dies before it reports (an exception outside its
-own try block, as a missing `psutil` once caused; the OOM killer; kill -9) leaves that wait blocked
-forever, and the trainer with it.
+`write_preloaded_data_multiproc`) forks one worker process per write bucket (0.16; from 0.17 they
+are threads, `WRITER_BY_VERSION`) and waits for them on a `JoinableQueue` with no time limit. A worker
+that dies before it reports (an exception outside its own try block, as a missing `psutil` once
+caused; the OOM killer; kill -9) leaves that wait blocked forever, and the trainer with it.
 
 `run_bounded` runs such a write on a helper thread while the calling thread watches:
 - every process forked during the write: one that exits with a non-zero status (or is killed by a
