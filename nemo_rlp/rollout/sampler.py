@@ -91,9 +91,9 @@ class RolloutNoise:
     def __init__(self, generator: torch.Generator):
         self.generator = generator
 
-    def draw(self, rows: torch.Tensor, thought_index: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
-        """[len(rows), vocab] for thought token `thought_index` (one per row, or a 0-d tensor) of
-        the batch's rows `rows`; the generator's draws depend only on the shape."""
+    def draw(self, rows: torch.Tensor, thought_index, vocab: int, device: torch.device) -> torch.Tensor:
+        """[len(rows), vocab] for thought token `thought_index` (a tensor, one per row, or an int for
+        all) of the batch's rows `rows`; the generator's draws depend only on the shape."""
         noise = torch.empty(len(rows), vocab, device=self.generator.device).exponential_(generator=self.generator)
         return noise.to(device)
 
@@ -107,7 +107,8 @@ class TableNoise(RolloutNoise):
         self.table = table
 
     def draw(self, rows, thought_index, vocab, device):
-        index = thought_index.clamp(max=self.table.shape[1] - 1)
+        last = self.table.shape[1] - 1
+        index = min(thought_index, last) if isinstance(thought_index, int) else thought_index.clamp(max=last)
         return self.table[rows, index, :vocab].to(device)
 
 
@@ -326,7 +327,7 @@ class _RowState:
         of the batch, finished or not: the draw depends only on the batch's size, which every rank
         of a replica decides identically. Thought token `step` of every row is decided here."""
         vocab = VocabShard.of(logits).vocab
-        drawn = noise.draw(rows, torch.tensor(step, device=rows.device), vocab, logits.device)
+        drawn = noise.draw(rows, step, vocab, logits.device)  # an int: no tensor made per decode step
         return decide(logits, target[rows], params, markers, drawn)
 
     def apply(self, step, rows, decided, tokens, prompt_len, caps, markers) -> None:
