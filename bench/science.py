@@ -1,12 +1,13 @@
 """Does RLP beat compute-matched continued pretraining (CPT) on the demo? Three seeds per arm.
 
     python bench/science.py            # the demo's schedule, 3 seeds (about 45 minutes on 2 cores)
-    python bench/science.py --quick    # shortened arms, one seed each (under 20 minutes on 2 cores)
+    python bench/science.py --quick    # the same for one seed (under 20 minutes on 2 cores)
     python bench/science.py --seeds 5 --out outputs/science -- rlp.grad_scale=0.5   # extra overrides
 
-Per seed (``trainer.seed``), three runs of ``python -m nemo_rlp.train``, one after another:
+Per seed (``trainer.seed``), three runs of ``python -m nemo_rlp.train``:
 1. the NTP warm-up alone (``trainer.steps`` = the warm-up), which saves its last checkpoint and
-   evaluates the model there;
+   evaluates the model there; then, side by side (each on half the cores; ``--sequential``: one
+   after the other, each on every core):
 2. the RLP arm: the demo, resumed from that checkpoint (``checkpoint.resume=<its step directory>``);
 3. the CPT arm: ``+experiment=demo_cpt`` resumed from the same checkpoint, which spends on NTP steps
    the FLOPs the RLP arm spends on rollouts, teacher scoring and RLP training (the arithmetic is in
@@ -34,53 +35,83 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The demo's schedule (conf/trainer/demo.yaml) and a shortened one for --quick.
+# The demo's schedule (conf/trainer/demo.yaml); --quick runs it for one seed. A shorter schedule is
+# no quicker check: with 150 instead of 200 RLP cycles (constant lr, no anneal) the RLP arm ended
+# anywhere from 41% to 75% by the luck of its rollout noise alone, against 50-52% for CPT.
 FULL = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234, 2345, 3456]}
-QUICK = {"warmup": 1200, "rlp_cycles": 150, "seeds": [1234]}
+QUICK = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234]}
 COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
 REUSED: list[str] = []  # runs taken from an earlier invocation (their wall time is in their own logs)
 
 
-def run(args: list[str], out: Path, log_name: str) -> dict:
-    """One training run; its summary.json (the report's figures). Raises with the log's tail on failure.
+class Run:
+    """One training run (``python -m nemo_rlp.train``), started in the background; :meth:`summary`
+    waits for it and returns its summary.json (the report's figures), or raises with the log's tail.
     A run that already finished with the same arguments (``science_args.json`` beside its report) is
     reused, so an interrupted or split comparison continues where it stopped."""
-    out.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{log_name}.log"
-    done, summary = out / "science_args.json", out / "report" / "summary.json"
-    if done.is_file() and summary.is_file() and json.loads(done.read_text()) == args:
-        print(f"  {log_name}: reused the finished run in {out}", flush=True)
-        REUSED.append(str(out))
-        return json.loads(summary.read_text())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "nemo_rlp.train", *COMMON, *args, f"logging.output_dir={out}"],
-                              cwd=out.parent, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"{log_name} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    print(f"  {log_name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    done.write_text(json.dumps(args))
-    return json.loads(summary.read_text())
+
+    def __init__(self, args: list[str], out: Path, log_name: str, threads: int | None = None):
+        self.args, self.out, self.log_name = args, out, log_name
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = out.parent / f"{log_name}.log"
+        self.done, self.summary_file = out / "science_args.json", out / "report" / "summary.json"
+        self.proc = None
+        if self.done.is_file() and self.summary_file.is_file() and json.loads(self.done.read_text()) == args:
+            print(f"  {log_name}: reused the finished run in {out}", flush=True)
+            REUSED.append(str(out))
+            return
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+        if threads:  # arms side by side: each gets its share of the cores
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.t0 = time.perf_counter()
+        self._log_file = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nemo_rlp.train", *COMMON, *args, f"logging.output_dir={out}"],
+            cwd=out.parent, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def summary(self) -> dict:
+        if self.proc is not None:
+            code = self.proc.wait()
+            self._log_file.close()
+            if code != 0:
+                tail = self.log.read_text()[-3000:]
+                raise SystemExit(f"{self.log_name} failed (exit {code}); log {self.log}:\n{tail}")
+            print(f"  {self.log_name}: {time.perf_counter() - self.t0:.0f} s", flush=True)
+            self.done.write_text(json.dumps(self.args))
+            self.proc = None
+        return json.loads(self.summary_file.read_text())
 
 
-def one_seed(seed: int, schedule: dict, root: Path, extra: list[str]) -> dict[str, dict]:
+def one_seed(seed: int, schedule: dict, root: Path, extra: list[str], side_by_side: bool) -> dict[str, dict]:
     warmup, steps = schedule["warmup"], schedule["warmup"] + 2 * schedule["rlp_cycles"]
     base = [f"trainer.seed={seed}", f"trainer.schedule.ntp_warmup_steps={warmup}", f"trainer.lr_decay_steps={warmup}",
             *extra]
     seed_dir = root / f"seed{seed}"
     warm_out = seed_dir / "warmup"
-    warm = run([*base, f"trainer.steps={warmup}", "eval.after_warmup=false", f"checkpoint.every_steps={warmup}",
-                "checkpoint.resume=never"], warm_out, "warmup")
+    warm = Run([*base, f"trainer.steps={warmup}", "eval.after_warmup=false", f"checkpoint.every_steps={warmup}",
+                "checkpoint.resume=never"], warm_out, "warmup").summary()
     start = warm_out / "checkpoints" / f"step_{warmup:07d}"
     if not start.is_dir():
         raise SystemExit(f"the warm-up left no checkpoint at {start}")
     arms = {"warm-up": warm["evaluation"]}
+    # Side by side, each arm gets half the cores: the demo's small model does not use two cores well,
+    # so two arms at once finish sooner than one after the other (their figures differ from a
+    # sequential run's by the floating-point order that the thread count sets, nothing else).
+    threads = max(1, (os.cpu_count() or 2) // 2) if side_by_side else None
+    runs = {}
     for arm, more in (("RLP", []), ("CPT", ["+experiment=demo_cpt"])):
-        figures = run([*base, *more, f"trainer.steps={steps}", f"checkpoint.resume={start}",
-                       "checkpoint.every_steps=0", "eval.after_warmup=false"], seed_dir / arm.lower(), arm.lower())
-        arms[arm] = figures["evaluation"]
+        runs[arm] = Run([*base, *more, f"trainer.steps={steps}", f"checkpoint.resume={start}",
+                         "checkpoint.every_steps=0", "eval.after_warmup=false"], seed_dir / arm.lower(), arm.lower(),
+                        threads)
+        if not side_by_side:
+            runs[arm].summary()
+    try:
+        for arm, run in runs.items():
+            arms[arm] = run.summary()["evaluation"]
+    finally:  # one arm failed (or Ctrl-C): stop the other instead of leaving it running
+        for run in runs.values():
+            if run.proc is not None and run.proc.poll() is None:
+                run.proc.terminate()
     return arms
 
 
@@ -112,12 +143,15 @@ def table(results: list[dict[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shortened arms, one seed (under 20 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one seed (seed 1234; under 20 minutes on 2 cores)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
     parser.add_argument("--seed-values", type=int, nargs="+", default=None,
                         help="these trainer.seed values instead (e.g. one seed per machine; a later run "
                              "with all of them and the same --out reuses the finished ones)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "science")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run a seed's RLP and CPT arms one after the other, each on every core "
+                             "(default: side by side, each on half of them)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
     schedule = dict(QUICK if args.quick else FULL)
@@ -131,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for seed in seeds:
         print(f"seed {seed}:", flush=True)
-        results.append(one_seed(seed, schedule, root, args.overrides))
+        results.append(one_seed(seed, schedule, root, args.overrides, not args.sequential))
     wall = time.perf_counter() - t0
     print(f"\n{len(seeds)} seed(s), warm-up {schedule['warmup']} NTP steps, then {schedule['rlp_cycles']} "
           f"NTP+RLP cycles (RLP arm) or their compute in NTP steps (CPT arm); wall time {wall / 60:.1f} min"

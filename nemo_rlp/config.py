@@ -197,6 +197,10 @@ class TrainerConfig:
     lr_warmup_init: float = 0.0
     lr_decay_steps: Optional[int] = None  # None: every optimizer update of the run
     min_lr: float = 0.0
+    # Over this share of the updates after the NTP warm-up (the last ones), the scheduled lr is annealed
+    # linearly to 0, as pretraining runs end. A share, so that an RLP run and its compute-matched CPT
+    # baseline (more, cheaper steps) anneal over the same share of their compute. 0: no anneal.
+    lr_cooldown_fraction: float = 0.0
     # A step whose loss, rewards or gradients are not finite is skipped (no update, logged); this
     # many skipped steps in a row stop the run with an error.
     max_consecutive_skips: int = 10
@@ -286,6 +290,9 @@ class EvalConfig:
     thought_seeds: int = 3  # sampled thoughts per position (their mean per position gives the stderr)
     batch_contexts: int = 64  # contexts per forward / rollout batch
     after_warmup: bool = True  # also evaluate when the NTP warm-up ends (a baseline for RLP's effect)
+    # Also every N steps (0: never), logged to the metrics as kind "eval": how the held-out figures move
+    # during a run, not just where it ends (each costs one evaluation, ~30 s on the demo on 2 cores).
+    every_steps: int = 0
     seed: int = 4321  # the thoughts' sampling noise: every evaluation of a run draws the same
 
 
@@ -622,6 +629,9 @@ def _validate_trainer(t: TrainerConfig) -> None:
         _fail("trainer.lr_warmup_steps", t.lr_warmup_steps, "an integer >= 0 (0: no warm-up)")
     if not 0 <= t.lr_warmup_init <= t.lr:
         _fail("trainer.lr_warmup_init", t.lr_warmup_init, f"a float in [0, trainer.lr={t.lr}]")
+    if not 0.0 <= t.lr_cooldown_fraction <= 1.0:
+        _fail("trainer.lr_cooldown_fraction", t.lr_cooldown_fraction,
+              "a float in [0, 1]: the share of the updates after the warm-up over which lr anneals to 0")
     if not 0 <= t.min_lr <= t.lr:
         _fail("trainer.min_lr", t.min_lr, f"a float in [0, trainer.lr={t.lr}]")
     if t.lr_decay_steps is not None and t.lr_decay_steps < 1:
@@ -684,6 +694,8 @@ def _validate_eval(e: EvalConfig) -> None:
         _fail("eval.num_positions", e.num_positions, "an integer >= 0 (0: every marked position of eval.corpus)")
     if e.batch_contexts < 1 or e.thought_seeds < 1:
         _fail("eval.batch_contexts / eval.thought_seeds", (e.batch_contexts, e.thought_seeds), "integers >= 1")
+    if e.every_steps < 0:
+        _fail("eval.every_steps", e.every_steps, "an integer >= 0 (0: only after the warm-up and at the end)")
 
 
 def _validate_across_sections(cfg: RunConfig) -> None:
@@ -729,6 +741,14 @@ def lr_decay_steps(cfg: RunConfig) -> int:
     """The learning-rate schedule's horizon in optimizer updates."""
     t = cfg.trainer
     return t.lr_decay_steps if t.lr_decay_steps is not None else max(1, optimizer_updates(cfg))
+
+
+def lr_cooldown_updates(cfg: RunConfig) -> tuple[int, int]:
+    """(optimizer updates of the run, the last of them over which lr anneals to 0): the share
+    `trainer.lr_cooldown_fraction` of the updates after the NTP warm-up (one update per warm-up step)."""
+    total = optimizer_updates(cfg)
+    after_warmup = max(0, total - min(cfg.trainer.schedule.ntp_warmup_steps, cfg.trainer.steps))
+    return total, round(cfg.trainer.lr_cooldown_fraction * after_warmup)
 
 
 def as_dict(cfg: RunConfig) -> dict:

@@ -330,6 +330,8 @@ class Trainer:
                     warmup = cfg.trainer.schedule.ntp_warmup_steps
                     if cfg.eval.after_warmup and self.step == warmup and self.step < cfg.trainer.steps:
                         self.evaluate("after_warmup")
+                    if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.trainer.steps:
+                        self.log_evaluation(metrics)
                     self.checkpointer.poll()
                     if (every and self.step % every == 0) or self.step in keep_steps:
                         self.save()
@@ -361,6 +363,21 @@ class Trainer:
         self.summary.evaluations[when] = result
         log.info("%s (step %d, %.1f s)", format_evaluation(result), self.step, time.perf_counter() - t0)
         return result
+
+    def log_evaluation(self, metrics: MetricsLogger) -> None:
+        """A periodic held-out evaluation (`eval.every_steps`), logged as kind "eval": the headline figures
+        only; the whole result is kept for the final one."""
+        t0 = time.perf_counter()
+        result = self.evaluate(f"step_{self.step}")
+        if result is None:
+            return
+        del self.summary.evaluations[f"step_{self.step}"]
+        plain, think = result["no_think"], result["with_thought"]
+        metrics.log(self.step - 1, "eval", {
+            "heldout_accuracy_no_think": plain["accuracy"], "heldout_accuracy_with_thought": think["accuracy"],
+            "heldout_logprob_no_think": plain["logprob"], "heldout_logprob_with_thought": think["logprob"],
+            "heldout_thought_len": think["thought_len_mean"],
+        }, time.perf_counter() - t0)
 
     def write_report(self, metrics: MetricsLogger) -> None:
         """<output_dir>/report/: the summary, the evaluations, plots of the run's metrics, sampled thoughts."""

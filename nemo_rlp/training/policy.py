@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from nemo_rlp.config import ConfigError, RunConfig, lr_decay_steps
+from nemo_rlp.config import ConfigError, RunConfig, lr_cooldown_updates, lr_decay_steps
 from nemo_rlp.ema import EMATeacher
 from nemo_rlp.models import build_model, build_teacher_model
 from nemo_rlp.models.handle import ModelHandle
@@ -56,6 +56,41 @@ def nonfinite_metrics(metrics: dict | None, guarded: Iterable[str]) -> list[str]
             "a loss's `guarded_metrics` must name metrics that it reports (nemo_rlp/training/losses.py)"
         )
     return [f"{name}={metrics[name]}" for name in names if not math.isfinite(float(metrics[name]))]
+
+
+def build_lr_scheduler(optimizer, cfg: RunConfig):
+    """megatron-core's `OptimizerParamScheduler` for `cfg.trainer`, counted in optimizer updates, with
+    the lr annealed linearly to 0 over the run's last updates (`trainer.lr_cooldown_fraction`). The
+    config's values win over a checkpoint's (override); a checkpoint restores only the progress,
+    `num_steps`, from which the anneal is recomputed."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    total_updates, cooldown_updates = lr_cooldown_updates(cfg)
+
+    class CooldownScheduler(OptimizerParamScheduler):
+        def get_lr(self, param_group: dict) -> float:
+            # The lr of update num_steps + 1: the last update gets 1/cooldown_updates of the schedule.
+            lr = super().get_lr(param_group)
+            left = total_updates - self.num_steps
+            return lr * max(left, 0) / cooldown_updates if cooldown_updates and left < cooldown_updates else lr
+
+    t = cfg.trainer
+    decay_steps = lr_decay_steps(cfg)
+    return CooldownScheduler(
+        optimizer,
+        init_lr=t.lr_warmup_init,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
 
 
 class PolicyWithTeacher:
@@ -100,26 +135,9 @@ class PolicyWithTeacher:
             ),
             [self.ddp],
         )
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         # Counted in optimizer updates. The config's values win over a checkpoint's (override);
         # a checkpoint restores only the progress, `num_steps`.
-        decay_steps = lr_decay_steps(cfg)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=t.lr_warmup_init,
-            max_lr=t.lr,
-            min_lr=t.min_lr,
-            lr_warmup_steps=t.lr_warmup_steps,
-            lr_decay_steps=decay_steps,
-            lr_decay_style=t.lr_decay_style,
-            start_wd=t.weight_decay,
-            end_wd=t.weight_decay,
-            wd_incr_steps=decay_steps,
-            wd_incr_style="constant",
-            use_checkpoint_opt_param_scheduler=False,
-            override_opt_param_scheduler=True,
-        )
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg)
         teacher_model = build_teacher_model(cfg.model, vocab_size, tp, layout.device)
         self.ema = EMATeacher(teacher_model, decay=cfg.rlp.ema_decay)
         self.policy = ModelHandle(self.ddp)

@@ -150,6 +150,7 @@ def write_report(
         if marker_line:
             md += [marker_line, ""]
 
+    md += _periodic_evaluation_lines(records, report_dir)
     if evaluation is not None:
         md += _evaluation_lines(evaluation)
 
@@ -176,12 +177,14 @@ def write_report(
 
 
 def _last_record_per_step(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The records in step order, one per step (the last one given); records without a step are dropped."""
+    """The records in step order, one per step and kind (the last one given: a resumed run rewrites its
+    steps; a periodic evaluation, kind "eval", shares its step with that step's training record);
+    records without a step are dropped."""
     by_step = {}
     for record in records:
         if record.get("step") is not None:
-            by_step[int(record["step"])] = record
-    return [by_step[step] for step in sorted(by_step)]
+            by_step[(int(record["step"]), record.get("kind") == "eval")] = record
+    return [by_step[key] for key in sorted(by_step)]
 
 
 def _series(records, kind: str, *metrics: str) -> tuple[list[int], ...]:
@@ -222,6 +225,26 @@ def _plot_series(ax, steps: list[int], values: list[float], label: str, color: s
     ax.plot(steps, values, color=color, alpha=0.35, lw=1, marker="." if len(values) < 50 else None, label=label)
     if window > 1:
         ax.plot(steps, moving_average(values, window), color=color, lw=2, label=f"{label}, moving average ({window} steps)")
+
+
+def _periodic_evaluation_lines(records: Sequence[Mapping[str, Any]], report_dir: Path) -> list[str]:
+    """The held-out accuracy every `eval.every_steps` (kind "eval" records): a plot and a table; nothing
+    when the run made no periodic evaluation."""
+    png = report_dir / "heldout_accuracy.png"
+    steps, plain, think = _series(records, "eval", "heldout_accuracy_no_think", "heldout_accuracy_with_thought")
+    if not steps or not any(r.get("kind") == "eval" for r in records):
+        png.unlink(missing_ok=True)
+        return []
+    steps = [s + 1 for s in steps]  # records count steps from 0; the evaluation ran after step s + 1
+    fig, ax = _new_axes("Held-out accuracy during the run (eval.every_steps)", "accuracy (%)")
+    ax.plot(steps, [100 * v for v in think], color="C0", marker=".", label="with a sampled thought")
+    ax.plot(steps, [100 * v for v in plain], color="C1", marker=".", label="no thought")
+    ax.legend(fontsize=7, loc="best")
+    _save(fig, png)
+    md = ["### Held-out accuracy during the run", "", f"![heldout_accuracy]({png.name})", "",
+          "| after step | no thought | with a sampled thought |", "|---:|---:|---:|"]
+    md += [f"| {s} | {100 * a:.1f}% | {100 * b:.1f}% |" for s, a, b in zip(steps, plain, think)]
+    return md + [""]
 
 
 def _save(fig, path: Path) -> None:

@@ -218,3 +218,16 @@ def test_read_metrics_names_the_bad_line(tmp_path, bad):
 def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, nemo_rlp.training.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_periodic_evaluations_get_a_plot_and_a_table_and_leave_the_curves_alone(tmp_path):
+    evals = [{"step": s, "kind": "eval", "step_seconds": 30.0, "heldout_accuracy_no_think": 0.1,
+              "heldout_accuracy_with_thought": 0.25 + s / 100} for s in (9, 19)]
+    plain = write_report(tmp_path / "plain", run_records(20), [], None, [])
+    path = write_report(tmp_path / "evals", run_records(20) + evals, [], None, [])
+    text = path.read_text()
+    assert (path.parent / "heldout_accuracy.png").is_file()
+    assert "| 10 | 10.0% | 34.0% |" in text and "| 20 | 10.0% | 44.0% |" in text
+    fifths = lambda p: json.loads((p.parent / "summary.json").read_text())["fifths"]
+    assert fifths(path) == fifths(plain)  # an evaluation shares its step with a training record
+    assert not (plain.parent / "heldout_accuracy.png").exists() and "Held-out accuracy during" not in plain.read_text()

@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_rlp.config import ConfigError, load_config
+from nemo_rlp.config import ConfigError, load_config, lr_cooldown_updates
 from nemo_rlp.rollout.sampler import SamplingParams, sample_thoughts
 from nemo_rlp.training.losses import RLPLoss, RLPRows
 from nemo_rlp.training.loop import Trainer
 from nemo_rlp.training.schedule import NTP, RLP, step_kind
 from nemo_rlp.training.steps import rlp_step, run_schedule, sample_contexts
 
+from nemo_rlp.training.report import read_metrics
 from tests.tiny_run import TINY_RUN
 from tests.drawn import drawn_contexts
 
@@ -299,3 +300,55 @@ def test_final_evaluation_is_redone_only_when_the_run_goes_on(tmp_path):
     assert again.evaluations["final"] == first.evaluations["final"]
     longer = Trainer(load_config(with_eval + ["trainer.steps=3"]), tmp_path / "c").train()
     assert longer.evaluations["final"]["step"] == 3 and longer.evaluations["after_warmup"]["step"] == 1
+
+
+def test_periodic_evaluation_is_logged_and_leaves_training_alone(tmp_path):
+    """eval.every_steps=2 over 5 steps: held-out figures logged as kind "eval" after steps 2 and 4
+    (not at the end, which has the final evaluation); the one after step 4 is the final evaluation of
+    a 4-step run, and the run's training records are those of a run without periodic evaluations (the
+    evaluation draws from its own seed, not the training's generators)."""
+    base = [o for o in FAST if o != "eval=none"] + [
+        "eval=heldout", "eval.num_positions=4", "eval.batch_contexts=4", "eval.thought_seeds=1",
+        "eval.after_warmup=false", "checkpoint.every_steps=0", "checkpoint.keep_steps=[]",
+    ]
+
+    def run(name, *more):
+        summary = Trainer(load_config(base + [f"checkpoint.dir={tmp_path / name / 'ckpt'}", *more]),
+                          tmp_path / name).train()
+        return summary, read_metrics(tmp_path / name / "metrics.jsonl")
+
+    summary, records = run("periodic", "eval.every_steps=2", "trainer.steps=5")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 3]  # 0-based like every record: after steps 2 and 4
+    assert sorted(summary.evaluations) == ["final"]  # the periodic figures are in the metrics only
+    four, _ = run("four", "trainer.steps=4")
+    final4 = four.evaluations["final"]
+    assert evals[1]["heldout_logprob_no_think"] == pytest.approx(final4["no_think"]["logprob"], abs=1e-6)
+    assert evals[1]["heldout_accuracy_with_thought"] == pytest.approx(final4["with_thought"]["accuracy"])
+    _, plain = run("plain", "trainer.steps=5")
+    losses = lambda rs: [(r["kind"], r.get("ntp_loss"), r.get("reward_mean")) for r in rs if r["kind"] != "eval"]
+    assert losses(records) == losses(plain) and len(losses(plain)) == 5
+    with pytest.raises(ConfigError, match="eval.every_steps"):
+        load_config(base + ["eval.every_steps=-1"])
+
+
+def test_lr_cooldown_anneals_the_last_share_of_the_updates_after_the_warmup(tmp_path):
+    """trainer.lr_cooldown_fraction=0.5 with 2 warm-up and 6 later steps: the last 3 updates get 3/3,
+    2/3 and 1/3 of the lr; a run resumed inside the anneal continues it."""
+    overrides = [*TINY_RUN, "trainer.schedule.ntp_warmup_steps=2", "trainer.steps=8", "trainer.lr=1e-3",
+                 "trainer.lr_decay_style=constant", "trainer.lr_cooldown_fraction=0.5", "checkpoint.every_steps=0",
+                 "checkpoint.keep_steps=[]"]
+    cfg = load_config(overrides)
+    assert lr_cooldown_updates(cfg) == (8, 3)
+    Trainer(cfg, tmp_path / "run").train()
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert lrs == pytest.approx([1e-3] * 6 + [2e-3 / 3, 1e-3 / 3])
+    first = Trainer(cfg, tmp_path / "resumed")
+    for _ in range(7):
+        first.train_step()
+    first.save()
+    first.checkpointer.wait()
+    resumed = Trainer(cfg, tmp_path / "resumed")
+    assert resumed.step == 7 and resumed.model.learning_rate == pytest.approx(1e-3 / 3)
+    with pytest.raises(ConfigError, match="trainer.lr_cooldown_fraction"):
+        load_config(overrides + ["trainer.lr_cooldown_fraction=1.5"])
