@@ -351,6 +351,26 @@ class Trainer:
 
     def evaluate(self, when: str) -> Optional[dict]:
         """The held-out evaluation (all ranks run it), kept in the summary under `when`."""
+        result = self._evaluation()
+        if result is not None:
+            self.summary.evaluations[when] = result
+        return result
+
+    def log_evaluation(self, metrics: MetricsLogger) -> None:
+        """A periodic held-out evaluation (`eval.every_steps`): its headline figures logged as kind
+        "eval"; the summary keeps the evaluations after the warm-up and at the end only."""
+        t0 = time.perf_counter()
+        result = self._evaluation()
+        if result is None:
+            return
+        plain, think = result["no_think"], result["with_thought"]
+        metrics.log(self.step - 1, "eval", {
+            "heldout_accuracy_no_think": plain["accuracy"], "heldout_accuracy_with_thought": think["accuracy"],
+            "heldout_logprob_no_think": plain["logprob"], "heldout_logprob_with_thought": think["logprob"],
+            "heldout_thought_len": think["thought_len_mean"],
+        }, time.perf_counter() - t0)
+
+    def _evaluation(self) -> Optional[dict]:
         if self.eval_positions is None:
             return None
         t0 = time.perf_counter()
@@ -360,24 +380,8 @@ class Trainer:
             thought_seeds=self.cfg.eval.thought_seeds,
         )
         result["step"] = self.step
-        self.summary.evaluations[when] = result
         log.info("%s (step %d, %.1f s)", format_evaluation(result), self.step, time.perf_counter() - t0)
         return result
-
-    def log_evaluation(self, metrics: MetricsLogger) -> None:
-        """A periodic held-out evaluation (`eval.every_steps`), logged as kind "eval": the headline figures
-        only; the whole result is kept for the final one."""
-        t0 = time.perf_counter()
-        result = self.evaluate(f"step_{self.step}")
-        if result is None:
-            return
-        del self.summary.evaluations[f"step_{self.step}"]
-        plain, think = result["no_think"], result["with_thought"]
-        metrics.log(self.step - 1, "eval", {
-            "heldout_accuracy_no_think": plain["accuracy"], "heldout_accuracy_with_thought": think["accuracy"],
-            "heldout_logprob_no_think": plain["logprob"], "heldout_logprob_with_thought": think["logprob"],
-            "heldout_thought_len": think["thought_len_mean"],
-        }, time.perf_counter() - t0)
 
     def write_report(self, metrics: MetricsLogger) -> None:
         """<output_dir>/report/: the summary, the evaluations, plots of the run's metrics, sampled thoughts."""
