@@ -97,6 +97,16 @@ class RolloutNoise:
         noise = torch.empty(len(rows), vocab, device=self.generator.device).exponential_(generator=self.generator)
         return noise.to(device)
 
+    def follow_last_stage(self) -> None:
+        """Give every pipeline stage of the replica the last stage's generator state. A path that
+        decides where the logits are (`rows`) draws on the last stage only; without this the other
+        stages' generators fall behind, so a checkpoint (saved from the first stage) resumes other
+        thoughts and anything else drawn from the generator differs between stages."""
+        from nemo_rlp.parallel import pipeline
+
+        if pipeline.size() > 1:
+            self.generator.set_state(pipeline.broadcast_object_from_last_stage(self.generator.get_state()))
+
 
 class TableNoise(RolloutNoise):
     """Noise looked up by (row, thought token): `table` [rows, tokens, vocab]. Two paths handed the
@@ -105,6 +115,9 @@ class TableNoise(RolloutNoise):
 
     def __init__(self, table: torch.Tensor):
         self.table = table
+
+    def follow_last_stage(self) -> None:
+        pass  # no generator
 
     def draw(self, rows, thought_index, vocab, device):
         last = self.table.shape[1] - 1
@@ -297,6 +310,7 @@ def _sample_rows(handle, prefixes, targets, params, markers, noise, device, thou
         state.count_live(live, stats)
         logits = handle.cached_logits(fed.unsqueeze(1), cache)
         stats.decode_steps += 1
+    noise.follow_last_stage()
     stats.live_row_steps += int(state.live_rows)
     stats.generated_tokens += int(state.thought_len.sum())
     batch = layout_rows(tokens, prompt_len, state.thought_len, state.end_sampled, state.close_pos, target,
