@@ -135,8 +135,6 @@ class PolicyWithTeacher:
             ),
             [self.ddp],
         )
-        # Counted in optimizer updates. The config's values win over a checkpoint's (override);
-        # a checkpoint restores only the progress, `num_steps`.
         self.scheduler = build_lr_scheduler(self.optimizer, cfg)
         teacher_model = build_teacher_model(cfg.model, vocab_size, tp, layout.device)
         self.ema = EMATeacher(teacher_model, decay=cfg.rlp.ema_decay)
