@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 # no quicker check: with 150 instead of 200 RLP cycles (constant lr, no anneal) the RLP arm ended
 # anywhere from 41% to 75% by the luck of its rollout noise alone, against 50-52% for CPT.
 FULL = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234, 2345, 3456]}
-QUICK = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234]}
+QUICK = {**FULL, "seeds": [1234]}
 COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
 REUSED: list[str] = []  # runs taken from an earlier invocation (their wall time is in their own logs)
 
