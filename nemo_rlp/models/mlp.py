@@ -52,7 +52,7 @@ class SwiGLU(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         a, b = torch.chunk(x.reshape(-1, x.shape[-1]), 2, dim=-1)
         grad = grad.reshape(-1, grad.shape[-1])
-        out = torch.empty_like(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x is
         grad_a, grad_b = torch.chunk(out.view(-1, x.shape[-1]), 2, dim=-1)
         torch.mul(grad, b, out=grad_a)  # grad * b in place of a temporary
         torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
