@@ -79,9 +79,11 @@ class SDPAttention(DotProductAttention):
         # qkv projection). CPU's flash kernel takes any strides, but forward + backward over such views
         # took ~20% longer than over contiguous [b, groups, s, d] copies (median 945 against 760 ms
         # for one layer at the bench's 32 rows x 1090 tokens, 4 heads, 2 groups, one thread); the
-        # copies are groups/heads of the query's size. Queries are left as they are (copying them too
-        # was no faster).
-        k, v = k.contiguous(), v.contiguous()
+        # copies are groups/heads of the query's size. Only where a backward follows (what was
+        # measured): a cached decoding step would copy the whole cache at every step. Queries are left
+        # as they are (copying them too was no faster).
+        if k.requires_grad or v.requires_grad:
+            k, v = k.contiguous(), v.contiguous()
         # One query (a decoding step) sees every key: no mask needed.
         mask = None
         if causal and 1 < sq != sk:

@@ -36,7 +36,7 @@ class SwiGLU(torch.autograd.Function):
     # [s, b, 2F], and with b = 1 (packed rows) the size-1 middle dimension keeps torch's elementwise
     # kernels from collapsing the view to two dimensions: silu over it ran 3.5x slower than over the
     # same view as [s*b, 2F] (28 ms against 8 on a contiguous copy and 12 on the 2-D view, at the
-    # bench's 34816 x 192, one thread). So both passes work on 2-D views: no copy of `a`, and the
+    # bench's 34880 x 192, one thread). So both passes work on 2-D views: no copy of `a`, and the
     # same floats (the same kernels on the same values; tests/unit/test_swiglu_mlp.py is bitwise).
     # In backward grad * b is written straight into the gradient's first half and silu(a) is the one
     # temporary, so neither pass holds more than megatron's did.
