@@ -138,6 +138,13 @@ def table(results: list[dict[str, dict]]) -> str:
             cells.append(f"  {m:>9.2f} ± {s:<4.2f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     lines.append(f"{'(mean ± std over seeds; per seed the evaluation is over every held-out position)':<{width}}")
+    if "RLP" in arms and "CPT" in arms:
+        # Both arms of a seed start from its warm-up, so a weak warm-up lowers both: the per-seed
+        # difference separates RLP's effect from that shared spread (the last line keeps the arms' stds).
+        paired = [100 * (r["RLP"]["with_thought"]["accuracy"] - r["CPT"]["with_thought"]["accuracy"]) for r in results]
+        m, s = mean_std(paired)
+        lines.append(f"RLP minus CPT per seed (thought accuracy, points): "
+                     + ", ".join(f"{d:+.1f}" for d in paired) + f"; mean {m:+.1f} ± {s:.1f}")
     return "\n".join(lines)
 
 
