@@ -1,6 +1,6 @@
 """Does RLP beat compute-matched continued pretraining (CPT) on the demo? Three seeds per arm.
 
-    python bench/science.py            # the demo's schedule, 3 seeds (about 45 minutes on 2 cores)
+    python bench/science.py            # the demo's schedule, 3 seeds (25-45 minutes on 2 cores)
     python bench/science.py --quick    # the same for one seed (under 20 minutes on 2 cores)
     python bench/science.py --seeds 5 --out outputs/science -- rlp.grad_scale=0.5   # extra overrides
 
