@@ -35,10 +35,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The demo's schedule (conf/trainer/demo.yaml); --quick runs it for one seed. A shorter schedule is
-# no quicker check: with 150 instead of 200 RLP cycles (constant lr, no anneal) the RLP arm ended
-# anywhere from 41% to 75% by the luck of its rollout noise alone, against 50-52% for CPT.
-FULL = {"warmup": 1200, "rlp_cycles": 200, "seeds": [1234, 2345, 3456]}
+# The demo's schedule (conf/trainer/demo.yaml: the warm-up, then 200 steps of its NTP/RLP cycle);
+# --quick runs it for one seed. A shorter schedule is no quicker check: on earlier code, with 150
+# instead of 200 interleaved cycles, the RLP arm ended anywhere from 41% to 75% by the luck of its
+# rollout noise alone, against 50-52% for CPT.
+FULL = {"warmup": 1200, "after_warmup": 200, "seeds": [1234, 2345, 3456]}
 QUICK = {**FULL, "seeds": [1234]}
 COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
 REUSED: list[str] = []  # runs taken from an earlier invocation (their wall time is in their own logs)
@@ -83,7 +84,7 @@ class Run:
 
 
 def one_seed(seed: int, schedule: dict, root: Path, extra: list[str], side_by_side: bool) -> dict[str, dict]:
-    warmup, steps = schedule["warmup"], schedule["warmup"] + 2 * schedule["rlp_cycles"]
+    warmup, steps = schedule["warmup"], schedule["warmup"] + schedule["after_warmup"]
     base = [f"trainer.seed={seed}", f"trainer.schedule.ntp_warmup_steps={warmup}", f"trainer.lr_decay_steps={warmup}",
             *extra]
     seed_dir = root / f"seed{seed}"
@@ -119,8 +120,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def thought_accuracy(evaluation: dict) -> float:
+    """Held-out accuracy with a sampled thought, in percent: the figure the comparison is about."""
+    return 100 * evaluation["with_thought"]["accuracy"]
+
+
 FIGURES = (
-    ("thought accuracy (%)", lambda e: 100 * e["with_thought"]["accuracy"]),
+    ("thought accuracy (%)", thought_accuracy),
     ("no-thought accuracy (%)", lambda e: 100 * e["no_think"]["accuracy"]),
     ("log p(answer), thought", lambda e: e["with_thought"]["logprob"]),
     ("log p(answer), no thought", lambda e: e["no_think"]["logprob"]),
@@ -141,7 +147,7 @@ def table(results: list[dict[str, dict]]) -> str:
     if "RLP" in arms and "CPT" in arms:
         # Both arms of a seed start from its warm-up, so a weak warm-up lowers both: the per-seed
         # difference separates RLP's effect from that shared spread (the last line keeps the arms' stds).
-        paired = [100 * (r["RLP"]["with_thought"]["accuracy"] - r["CPT"]["with_thought"]["accuracy"]) for r in results]
+        paired = [thought_accuracy(r["RLP"]) - thought_accuracy(r["CPT"]) for r in results]
         m, s = mean_std(paired)
         lines.append(f"RLP minus CPT per seed (thought accuracy, points): "
                      + ", ".join(f"{d:+.1f}" for d in paired) + f"; mean {m:+.1f} ± {s:.1f}")
@@ -174,12 +180,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seed {seed}:", flush=True)
         results.append(one_seed(seed, schedule, root, args.overrides, not args.sequential))
     wall = time.perf_counter() - t0
-    print(f"\n{len(seeds)} seed(s), warm-up {schedule['warmup']} NTP steps, then {schedule['rlp_cycles']} "
-          f"NTP+RLP cycles (RLP arm) or their compute in NTP steps (CPT arm); wall time {wall / 60:.1f} min"
+    print(f"\n{len(seeds)} seed(s), warm-up {schedule['warmup']} NTP steps, then {schedule['after_warmup']} "
+          f"steps of the demo's NTP/RLP schedule (RLP arm) or their compute in NTP steps (CPT arm); "
+          f"wall time {wall / 60:.1f} min"
           + (f" ({len(REUSED)} of {3 * len(seeds)} runs reused from earlier invocations)" if REUSED else "") + "\n")
     print(table(results))
-    rlp = [100 * r["RLP"]["with_thought"]["accuracy"] for r in results]
-    cpt = [100 * r["CPT"]["with_thought"]["accuracy"] for r in results]
+    rlp = [thought_accuracy(r["RLP"]) for r in results]
+    cpt = [thought_accuracy(r["CPT"]) for r in results]
     (a, s), (b, t) = mean_std(rlp), mean_std(cpt)
     print(f"RLP minus CPT: {a - b:+.1f} points held-out thought accuracy (RLP {a:.1f}±{s:.1f}, CPT {b:.1f}±{t:.1f}, "
           f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''})")

@@ -1,6 +1,6 @@
 """The held-out evaluation of a run (the one its report ends with) on any checkpoint, with overrides.
 
-    python recipes/evaluate_heldout.py outputs/demo_hybrid-<hash>/checkpoints/step_0001600 --out final.json
+    python recipes/evaluate_heldout.py outputs/demo_hybrid-<hash>/checkpoints/step_0001400 --out final.json
     python recipes/evaluate_heldout.py outputs/demo_hybrid-<hash>/checkpoints --out greedy.json \\
         rlp.top_k=1 eval.thought_seeds=1          # the most likely thought instead of sampled ones
 

@@ -30,11 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The demo's model, data, RLP and evaluation; a shorter schedule, fewer held-out positions.
 SHORTENED = [
-    # The demo's own schedule (1200 warm-up steps, then 200 NTP + 200 RLP steps): on earlier code,
-    # with 1000 warm-up steps and 100 RLP steps, RLP made the held-out walks worse (49.2% -> 21.4%
+    # The demo's own schedule (1200 warm-up steps, then 200 RLP steps): on earlier code, with 1000
+    # warm-up steps and 100 interleaved RLP steps, RLP made the held-out walks worse (49.2% -> 21.4%
     # with a thought), and over the first 100 RLP steps of the demo the mean reward still fell
-    # (1.892 -> 1.845) before it rose; the shortened part is the evaluation (128 positions). Which
-    # way one run goes is platform-dependent: README, "RLP against compute-matched NTP".
+    # (1.892 -> 1.845) before it rose; the shortened part is the evaluation (128 positions). On the
+    # earlier interleaved schedule (an NTP step between RLP steps) which way one run went was
+    # platform-dependent: README, "RLP against compute-matched NTP".
     "eval.num_positions=128",
     "checkpoint.every_steps=0",
     "logging.tensorboard=false",
