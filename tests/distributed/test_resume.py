@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 FAST = [f"trainer.steps={STEPS}", "trainer.schedule.ntp_warmup_steps=1", "rlp.group_size=3", "rlp.max_thought_len=6",
         "rlp.contexts_per_step=4", "trainer.ntp_batch_size=4", "data.ntp_seq_len=32", "data.max_context=32",
-        "logging.tensorboard=false", "logging.show_thoughts=0", "checkpoint.every_steps=2", "checkpoint.keep_last=8"]
+        "logging.tensorboard=false", "logging.show_thoughts=0", "checkpoint.every_steps=2", "checkpoint.keep_last=8",
+        # NTP and RLP steps in turn after the warm-up (the demo's own schedule has RLP steps only), so
+        # that a resume is checked across both kinds of step and the optimizer state they share.
+        "trainer.schedule.ntp_per_cycle=1"]
 # Everything a step reports except what depends on the wall clock (its time, tokens/s, MFU).
 VOLATILE = WALL_CLOCK_KEYS
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
