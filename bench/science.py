@@ -35,12 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The demo's schedule (conf/trainer/demo.yaml: the warm-up, then 200 steps of its NTP/RLP cycle);
-# --quick runs it for one seed. A shorter schedule is no quicker check: on earlier code, with 150
-# instead of 200 interleaved cycles, the RLP arm ended anywhere from 41% to 75% by the luck of its
-# rollout noise alone, against 50-52% for CPT.
-FULL = {"warmup": 1200, "after_warmup": 200, "seeds": [1234, 2345, 3456]}
-QUICK = {**FULL, "seeds": [1234]}
+SEEDS = [1234, 2345, 3456]  # --quick: the first
 COMMON = ["logging.tensorboard=false", "logging.show_thoughts=0"]
 REUSED: list[str] = []  # runs taken from an earlier invocation (their wall time is in their own logs)
 
@@ -81,6 +76,25 @@ class Run:
             self.done.write_text(json.dumps(self.args))
             self.proc = None
         return json.loads(self.summary_file.read_text())
+
+
+def demo_schedule(overrides: list[str]) -> dict[str, int]:
+    """The demo's schedule as its config sets it, with the overrides given after ``--``: the NTP
+    warm-up (``trainer.schedule.ntp_warmup_steps``) and the steps after it (``trainer.steps`` minus
+    the warm-up). --quick runs the same schedule for one seed: a shorter one is no quicker check (on
+    earlier code, with 150 instead of 200 steps after the warm-up, the RLP arm ended anywhere from 41%
+    to 75% by the luck of its rollout noise alone, against 50-52% for CPT)."""
+    from nemo_rlp.config import ConfigError, load_config
+
+    try:
+        trainer = load_config(overrides).trainer
+    except ConfigError as err:
+        raise SystemExit(f"the overrides after -- do not make a valid config: {err}") from None
+    warmup = trainer.schedule.ntp_warmup_steps
+    if trainer.steps <= warmup:
+        raise SystemExit(f"trainer.steps={trainer.steps} leaves no steps after the NTP warm-up "
+                         f"(trainer.schedule.ntp_warmup_steps={warmup}): there is nothing to compare")
+    return {"warmup": warmup, "after_warmup": trainer.steps - warmup}
 
 
 def one_seed(seed: int, schedule: dict, root: Path, extra: list[str], side_by_side: bool) -> dict[str, dict]:
@@ -167,8 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: side by side, each on half of them)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
-    schedule = dict(QUICK if args.quick else FULL)
-    seeds = schedule["seeds"]
+    schedule = demo_schedule(args.overrides)
+    seeds = SEEDS[:1] if args.quick else SEEDS
     if args.seeds is not None:
         seeds = [1234 + 1111 * i for i in range(args.seeds)]
     if args.seed_values:
