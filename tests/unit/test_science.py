@@ -93,3 +93,17 @@ def test_whole_answers_are_scored_token_by_token() -> None:
     assert correct.tolist() == [True, False, False]  # the second's first token is right, its second not
     lsm = torch.log_softmax(table, dim=-1)
     assert torch.allclose(logprob, torch.stack([lsm[4, 5] + lsm[5, 6], lsm[4, 5] + lsm[5, 7], lsm[4, 6]]))
+
+
+def test_the_comparison_takes_its_schedule_from_the_demo_config() -> None:
+    from bench import science
+
+    demo = load_config([]).trainer
+    assert science.demo_schedule([]) == {"warmup": demo.schedule.ntp_warmup_steps,
+                                         "after_warmup": demo.steps - demo.schedule.ntp_warmup_steps}
+    longer = science.demo_schedule([f"trainer.steps={demo.steps + 100}"])
+    assert longer["after_warmup"] == demo.steps - demo.schedule.ntp_warmup_steps + 100
+    with pytest.raises(SystemExit, match="no steps after the NTP warm-up"):
+        science.demo_schedule([f"trainer.steps={demo.schedule.ntp_warmup_steps}"])
+    with pytest.raises(SystemExit, match="rlp.grad_scale"):
+        science.demo_schedule(["rlp.grad_scale=abc"])
